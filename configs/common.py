@@ -1,0 +1,66 @@
+"""Config blocks shared by every experiment config (big_vision style: plain ConfigDicts).
+
+Each experiment file (digits.py, mnist.py, imagenet.py) calls `base_config()` and overrides what
+differs. Every field exists here, so anything can be overridden on the command line, e.g.
+`--config.optim.lr=2e-4 --config.sampler.name=dual_loop --config.sampler.q=0.4`.
+"""
+
+import ml_collections
+
+from patch_forcing import timesteps
+from patch_forcing.models import dit
+
+
+def model_block(preset_name: str, **overrides) -> ml_collections.ConfigDict:
+    """All DiTConfig fields of a preset, spelled out so each can be overridden."""
+    cfg = dit.preset(preset_name, **overrides).to_dict()
+    cfg["image_size"] = tuple(cfg["image_size"])
+    return ml_collections.ConfigDict({"preset": preset_name, **cfg})
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="digits", source="auto", data_dir="", split_train="train", split_eval="test",
+        image_size=(8, 8), pad=0, channels=1, num_classes=10, hflip=False, batch_size=128,
+        num_workers=0,
+    ))
+    c.model = model_block("PF-Tiny/2", image_size=8, in_channels=1, num_classes=10)
+
+    # Training timestep sampler (patch_forcing/timesteps.py): ltg | truncated_gaussian | srm |
+    # gaussian | independent | uniform | logit_normal, with one parameter block per sampler
+    # (e.g. --config.flow.timesteps=srm --config.flow.srm.sharpness=4). Global-time baselines:
+    # a global sampler (uniform or logit_normal) and model.per_patch=False.
+    c.flow = ml_collections.ConfigDict({"timesteps": "ltg"})
+    for name in timesteps.SAMPLERS:
+        if timesteps.default_params(name):
+            c.flow[name] = timesteps.default_params(name)
+    c.loss = ml_collections.ConfigDict(dict(nll_weight=0.01, label_dropout=0.1))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, warmup_steps=1000, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
+    ))
+    c.ema = ml_collections.ConfigDict(dict(decay=0.9999))
+    c.train = ml_collections.ConfigDict(dict(num_steps=1000))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+    c.log = ml_collections.ConfigDict(dict(
+        every_steps=50, eval_every_steps=500, sample_every_steps=1000, num_samples=64,
+        num_eval_examples=256, profile=False,
+    ))
+    # Device mesh: -1 takes all remaining devices. Pure data parallel by default; FSDP shards the
+    # model width over the `fsdp` axis (e.g. mesh.data=1, mesh.fsdp=-1).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+    # Sampler for the periodic sample grids and --mode=sample (patch_forcing/samplers.py).
+    c.sampler = ml_collections.ConfigDict(dict(
+        name="euler_pf", steps=50, cfg_scale=1.0, q=0.4, n_inner=4, ratio=1.4, pool="mean",
+        guidance_interval=(0.0, 1.0),
+    ))
+    # --mode=sample: how many images, which classes (empty: uniform random), where to read the
+    # inference checkpoint (empty: <workdir>/inference).
+    c.sample = ml_collections.ConfigDict(dict(
+        num_images=64, batch_size=64, classes=(), checkpoint="", num_difficulty_rows=4,
+    ))
+    return c

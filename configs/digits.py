@@ -1,0 +1,41 @@
+"""The CPU default: a tiny Patch Forcing DiT on scikit-learn's bundled 8x8 digits (no download).
+
+  python -m patch_forcing.main --config=configs/digits.py --workdir=/tmp/pf_digits
+
+On the 2-core CI-class CPU this trains in a few minutes and leaves recognisable digits in
+<workdir>/samples/, difficulty maps beside them, TensorBoard events, checkpoints and an
+inference checkpoint in <workdir>/inference.
+`--config=configs/digits.py:smoke` shrinks everything for tests (a few steps).
+"""
+
+from configs import common
+
+
+def get_config(arg: str = ""):
+    c = common.base_config()
+    c.data.name = "digits"
+    c.data.split_train, c.data.split_eval = "train", "test"
+    c.data.image_size, c.data.channels, c.data.num_classes = (8, 8), 1, 10
+    c.data.batch_size = 128
+    c.model = common.model_block("PF-Tiny/2", image_size=8, in_channels=1, num_classes=10,
+                                 hidden_size=128, depth=4, num_heads=4)
+    c.optim.lr, c.optim.warmup_steps = 1e-3, 200
+    c.ema.decay = 0.999
+    c.train.num_steps = 4000
+    c.checkpoint.every_steps = 1000
+    c.log.every_steps, c.log.eval_every_steps, c.log.sample_every_steps = 100, 1000, 2000
+    c.sampler.steps = 50
+    if arg == "smoke":
+        c.model = common.model_block("PF-Tiny/2", image_size=8, in_channels=1, num_classes=10,
+                                     hidden_size=32, depth=1, num_heads=2)
+        c.data.batch_size = 16
+        c.optim.warmup_steps = 2
+        c.train.num_steps = 8
+        c.checkpoint.every_steps = 4
+        c.log.every_steps = c.log.eval_every_steps = c.log.sample_every_steps = 4
+        c.log.num_samples, c.log.num_eval_examples = 8, 16
+        c.sampler.steps = 4
+        c.sample.num_images = c.sample.batch_size = 8
+    elif arg:
+        raise ValueError(f"configs/digits.py argument {arg!r} is not one of ['', 'smoke']")
+    return c
