@@ -358,7 +358,8 @@ def make_source(data_cfg, split: str):
     meta = dict(image_shape=(H, W, C) after padding, num_classes, num_examples, name).
     """
     check_config(data_cfg)
-    return _checked_raw(data_cfg, split)
+    raw, meta = _checked_raw(data_cfg, split)
+    return raw.source, meta
 
 
 # ----------------------------------------------------------------------------- pipelines
@@ -408,6 +409,10 @@ def make_train_iterator(data_cfg, seed: int, process_index: int = 0, process_cou
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     workers = _get(data_cfg, "num_workers", 0)
     if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain <= 0.2.x reads absl flags (google/grain#1355)
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return iter(it)
 
