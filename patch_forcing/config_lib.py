@@ -93,20 +93,26 @@ def validate(config, mode: str = "train") -> None:
     _require(config.checkpoint.every_steps >= 1,
              f"config.checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}")
     _require(config.checkpoint.keep >= 1, f"config.checkpoint.keep must be >= 1, got {config.checkpoint.keep}")
-    from patch_forcing import data, samplers  # heavy-ish imports, only when validating
+    from patch_forcing import data  # heavy-ish import, only when validating
 
     data.check_config(d)
-    samplers.validate_sampler_config(sampler_config(config))
+    sampler_config(config, mcfg)
 
 
-def sampler_config(config):
-    """The sampler settings of `config.sampler`, completed from the model (patch size, null class)."""
+def sampler_config(config, mcfg: dit.DiTConfig | None = None):
+    """`config.sampler` completed from the model (patch size, null class), validated; the sampler
+    must fit the model: `euler` for global-time models, a per-patch sampler otherwise."""
     from patch_forcing import samplers
 
-    mcfg = model_config(config)
+    mcfg = mcfg or model_config(config)
     s = config.sampler
-    return samplers.SamplerConfig(
+    scfg = samplers.validate_sampler_config(samplers.SamplerConfig(
         name=s.name, steps=s.steps, cfg_scale=s.cfg_scale, q=s.q, n_inner=s.n_inner, ratio=s.ratio,
         pool=s.pool, guidance_interval=tuple(s.guidance_interval), null_class=mcfg.num_classes,
         patch_size=mcfg.patch_size,
-    )
+    ))
+    if (scfg.name == "euler") == mcfg.per_patch:
+        fit = "a per-patch sampler (euler_pf, dual_loop, look_ahead, ...)" if mcfg.per_patch else "'euler'"
+        kind = "per-patch" if mcfg.per_patch else "global-time"
+        raise ValueError(f"config.sampler.name={scfg.name!r} does not fit a {kind} model: use {fit}")
+    return scfg
