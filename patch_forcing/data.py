@@ -6,7 +6,10 @@ pixel data (latents: as stored, already scaled, no clamp), and `label` int32 (B_
 Sources (`data.name`): 'digits' (sklearn's bundled 8x8 digits, 1797 images, 0..16),
 'mnist' (IDX files in `data.data_dir`, or tfds 'mnist' when prepared; `data.source`),
 'tfds' (`tfds.data_source(data.tfds_name, ...)`, array_record or parquet, fixed-size images),
-'latents' (`patch_forcing.latents.LatentSource`), 'arrays' (an .npz with `images`, `labels`).
+'latents' (`patch_forcing.latents.LatentSource` of `data.data_dir/<split base>` if that is a
+directory, else of `data.data_dir`; a stored flip pair is the hflip augmentation, 'moments'
+latents give a posterior sample for training and the mean for eval), 'arrays' (an .npz with
+`images`, `labels`, or `<split base>_images`, ...; uint8 is scaled by 255, floats used as is).
 Splits are tfds-style strings: 'test', 'test[:8000]', 'train[10%:]', 'test[-2000:]'.
 
 Training stream (`make_train_iterator`): source -> shuffle(seed) -> repeat() (reshuffled
@@ -228,6 +231,7 @@ class _Raw:
     pixel_max: float | None  # 16 / 255 scale to [-1, 1]; None = use as stored
     num_classes: int | None
     name: str
+    moments: bool = False  # latents stored as [mean, logvar] channels: sample (train) / mean (eval)
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None, raise_missing: bool = True):
@@ -308,8 +312,12 @@ def _latent_source(cfg, split: str) -> _Raw:
     data_dir, base = _get(cfg, "data_dir"), parse_split(split)[0]
     sub = os.path.join(data_dir, base) if base else data_dir
     src = latents.LatentSource(sub if os.path.isdir(sub) else data_dir)
-    shape = tuple(np.shape(src[0]["latent"])) if len(src) else ()
-    return _Raw(_View(src, _slice(split, len(src)), key="latent"), shape[-3:], None, None, "latents")
+    meta = getattr(src, "metadata", {})
+    moments = meta.get("mode") == "moments"
+    h, w, c = tuple(np.shape(src[0]["latent"]))[-3:]
+    n_cls = len(meta["classes"]) if meta.get("classes") else None
+    return _Raw(_View(src, _slice(split, len(src)), key="latent"), (h, w, c // 2 if moments else c),
+                None, n_cls, "latents", moments)
 
 
 def _raw_source(cfg, split: str) -> _Raw:
@@ -372,6 +380,7 @@ class _Preprocess:
     pixel_max: float | None
     pad: int
     hflip: bool
+    moments: bool = False
 
     def __call__(self, record, rng: np.random.Generator | None = None):
         x = np.asarray(record["image"])
@@ -379,6 +388,10 @@ class _Preprocess:
         if x.ndim == 4:  # latent flip pair (2, h, w, c): element 1 is the flipped image's latent
             x, flip = x[int(flip)], False
         x = x.astype(np.float32)
+        if self.moments:  # [mean, logvar]: a posterior sample when training, the mean for eval
+            mean, logvar = np.split(x, 2, axis=-1)
+            eps = rng.standard_normal(mean.shape, dtype=np.float32) if rng is not None else 0.0
+            x = mean + np.exp(0.5 * logvar) * eps
         if self.pixel_max is not None:
             x = x * np.float32(2.0 / self.pixel_max) - np.float32(1.0)
         if flip:
@@ -402,7 +415,8 @@ def make_train_iterator(data_cfg, seed: int, process_index: int = 0, process_cou
     if len(raw.source) < process_count:
         raise ValueError(f"data.split_train has {len(raw.source)} examples, fewer than the "
                          f"{process_count} processes")
-    pre = _Preprocess(raw.pixel_max, _get(data_cfg, "pad", 0), bool(_get(data_cfg, "hflip", False)))
+    pre = _Preprocess(raw.pixel_max, _get(data_cfg, "pad", 0), bool(_get(data_cfg, "hflip", False)),
+                      raw.moments)
     ds = grain.MapDataset.source(raw.source).shuffle(seed=seed).repeat()
     ds = ds.random_map(pre, seed=seed)[process_index::process_count]
     ds = ds.batch(_get(data_cfg, "batch_size") // process_count, drop_remainder=True)
@@ -438,7 +452,7 @@ def make_eval_batches(data_cfg, split: str, num_examples: int | None = None,
     if not _is_int(batch_size) or batch_size <= 0 or batch_size % process_count:
         raise ValueError(f"batch_size={batch_size!r} must be a positive int divisible by "
                          f"{process_count}")
-    pre = _Preprocess(raw.pixel_max, _get(data_cfg, "pad", 0), False)
+    pre = _Preprocess(raw.pixel_max, _get(data_cfg, "pad", 0), False, raw.moments)
     ds = grain.MapDataset.source(raw.source)[:n].map(pre)[process_index::process_count]
     return ds.batch(batch_size // process_count)
 

@@ -45,11 +45,6 @@ def assert_same_batches(a, b):
         np.testing.assert_array_equal(x["label"], y["label"])
 
 
-def digit_index(scaled_images):
-    """Maps each digits image (as scaled by the pipeline) to its bytes, for lookup."""
-    return {np.float32(im * (2 / 16) - 1).tobytes() for im in scaled_images}
-
-
 # ----------------------------------------------------------------------------- digits
 
 
@@ -342,6 +337,32 @@ def test_latents_pick_one_of_the_flip_pair(tmp_path, monkeypatch):
     assert 0.35 < picked.mean() < 0.65
     np.testing.assert_array_equal(picked, values(True)[0] >= 1000)
     assert not np.array_equal(picked, values(True, seed=1)[0] >= 1000)
+
+
+def test_real_latent_directory_with_moments_and_flips(tmp_path):
+    latents = pytest.importorskip("patch_forcing.latents")
+    n = 20
+    writer = latents.ShardWriter(str(tmp_path), latents.shard_name(0, 1))
+    for i in range(n):  # (2, h, w, 2c): [mean = 10 i (+1000 for the mirror), logvar = 0]
+        z = np.zeros((2, 2, 2, 6), np.float32)
+        z[0, ..., :3], z[1, ..., :3] = 10 * i, 10 * i + 1000
+        writer.write(z, label=i % 4, index=i)
+    latents.write_metadata(str(tmp_path), dict(
+        format_version=latents.FORMAT_VERSION, num_examples=n, num_shards=1, shard_size=n,
+        latent_shape=[2, 2, 3], record_shape=[2, 2, 2, 6], dtype="float32", mode="moments",
+        flips=True, classes=list("abcd"), shards=[writer.commit()]))
+    c = cfg(name="latents", data_dir=str(tmp_path), image_size=(2, 2), channels=3, num_classes=4,
+            split_train="train", batch_size=10, hflip=True)
+    ev = list(data.make_eval_batches(c, "train[-10:]"))[0]  # eval: element 0's mean
+    np.testing.assert_array_equal(ev["image"], np.broadcast_to(
+        10 * np.arange(10, 20, dtype=np.float32)[:, None, None, None], (10, 2, 2, 3)))
+    np.testing.assert_array_equal(ev["label"], np.arange(10, 20) % 4)
+    z = np.concatenate([b["image"] for b in take(data.make_train_iterator(c, seed=0), 40)])
+    m = z.mean(axis=(1, 2, 3))
+    mirror = m >= 900
+    assert 0.4 < mirror.mean() < 0.6  # hflip picks the mirror's latent about half the time
+    eps = z - (np.round(m / 10) * 10)[:, None, None, None]  # the stored mean is a multiple of 10
+    assert abs(eps.std() - 1) < 0.05 and abs(eps.mean()) < 0.05  # posterior samples, std 1
 
 
 def test_arrays_npz_source(tmp_path):
