@@ -68,6 +68,16 @@ class VAEConfig:
         )
 
 
+    def to_diffusers(self) -> dict[str, Any]:
+        """A diffusers AutoencoderKL `config.json` dict for this config."""
+        n = len(self.block_out_channels)
+        return {"_class_name": "AutoencoderKL", "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+                "block_out_channels": list(self.block_out_channels), "layers_per_block": self.layers_per_block,
+                "act_fn": "silu", "latent_channels": self.latent_channels, "norm_num_groups": self.norm_num_groups,
+                "scaling_factor": self.scale_factor}
+
+
 def tiny_config() -> VAEConfig:
     """A few-kB autoencoder for tests (downsampling 2, 8 norm groups)."""
     return VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
@@ -306,6 +316,18 @@ def to_state_dict(model: AutoencoderKL) -> dict[str, np.ndarray]:
         v = np.asarray(flat[path].value, dtype=np.float32)
         out[key] = np.ascontiguousarray(v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T if v.ndim == 2 else v)
     return out
+
+
+def save_vae(model: AutoencoderKL, directory: str) -> str:
+    """Writes `config.json` and `diffusion_pytorch_model.safetensors` (diffusers layout); returns the file."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(model.config.to_diffusers(), f, indent=1)
+    path = os.path.join(directory, WEIGHTS_FILE)
+    save_file(to_state_dict(model), path)
+    return path
 
 
 def _resolve_weights(path_or_repo: str, local_path: str | None) -> str:

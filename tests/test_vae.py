@@ -126,6 +126,11 @@ def test_load_vae_from_local_file_with_config(pair, tmp_path, monkeypatch):
         np.testing.assert_array_equal(loaded.encode(x), ours.encode(x))
     monkeypatch.setenv(V.ENV_WEIGHTS, str(tmp_path / V.WEIGHTS_FILE))
     np.testing.assert_array_equal(V.load_vae().encode(x), ours.encode(x))
+    saved = V.save_vae(ours, str(tmp_path / "ours"))  # our writer round-trips through our loader
+    again = V.load_vae(local_path=saved)
+    assert again.config == cfg
+    np.testing.assert_array_equal(again.encode(x), ours.encode(x))
+    assert V.VAEConfig.from_diffusers(cfg.to_diffusers()) == cfg
 
 
 def test_load_vae_offline_names_repo_and_flag(monkeypatch):

@@ -1,0 +1,1 @@
+"""Command-line tools (`python -m patch_forcing.tools.<name>`)."""

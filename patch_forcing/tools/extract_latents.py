@@ -1,0 +1,359 @@
+"""Encode an image dataset into SD-VAE latents (ArrayRecord shards, see `patch_forcing.latents`).
+
+    python -m patch_forcing.tools.extract_latents --tfds=imagenet2012 \
+        --tfds_manual_dir=/data/imagenet --out=/data/latents/train \
+        --vae_path=/ckpt/sd-vae-ft-ema/diffusion_pytorch_model.safetensors
+    python -m patch_forcing.tools.extract_latents --images=/data/folder --out=/data/lat
+
+Images: `--images` (one subfolder per class; labels are the sorted folder names) or
+`--tfds` (with `--tfds_manual_dir` holding ImageNet's tars). Each image is ADM centre-cropped
+(`center_crop_arr`) to --image_size, then the VAE encodes it and its horizontal mirror, in
+batches jitted over every local device (batch split over a 1-D mesh).
+
+Resumable: shard i holds examples [i*K, (i+1)*K) and is built from its own batches, so a
+restarted run skips finished shards, discards a half-written `.tmp` and writes byte-identical
+output to an uninterrupted run. `--mode=sample` draws eps from fold_in(seed, index), so it is
+deterministic too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import io
+import json
+import os
+import sys
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from patch_forcing import latents as L
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM's centre crop: halve with BOX while the short side >= 2*size, BICUBIC-resize the
+    short side to `size`, then cut the central square. -> uint8 (size, size, 3)."""
+    while min(image.size) >= 2 * image_size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image.convert("RGB"))
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top: top + image_size, left: left + image_size]
+
+
+# ----------------------------------------------------------------------------- image sources
+
+
+class ImageFolder:
+    """`root/<class>/**/<image>`: classes sorted by name, files sorted by path within a class."""
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"--images={root!r} is not a directory")
+        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.items: list[tuple[str, int]] = []
+        for label, c in enumerate(self.classes):
+            files = []
+            for dirpath, _, names in os.walk(os.path.join(root, c)):
+                files += [os.path.join(dirpath, n) for n in names if n.lower().endswith(IMAGE_EXTS)]
+            self.items += [(f, label) for f in sorted(files)]
+        if not self.items:
+            raise ValueError(f"--images={root!r} holds no images in class subfolders (extensions {IMAGE_EXTS})")
+        self.description = {"kind": "images", "root": os.path.abspath(root)}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def iter_range(self, start: int, stop: int) -> Iterator[tuple[Any, int]]:
+        yield from self.items[start:stop]
+
+    @staticmethod
+    def open(raw: str) -> Image.Image:
+        with Image.open(raw) as im:
+            return im.convert("RGB")
+
+
+class TfdsImages:
+    """A tfds split, images left undecoded (JPEG bytes), in the builder's fixed order."""
+
+    def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
+                 manual_dir: str | None = None):
+        import tensorflow_datasets as tfds
+
+        self._builder = tfds.builder(name, data_dir=data_dir)
+        if not self._builder.is_prepared():  # array_record: random access below
+            self._builder.download_and_prepare(
+                file_format="array_record", download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        self._split, self._decoders = split, {"image": tfds.decode.SkipDecoding()}
+        self._n = self._builder.info.splits[split].num_examples
+        self.classes = list(self._builder.info.features["label"].names)
+        try:
+            self._random_access = self._builder.as_data_source(split, decoders=self._decoders)
+        except Exception:  # prepared as tfrecord: fall back to an ordered sequential read
+            self._random_access = None
+        self.description = {"kind": "tfds", "name": name, "split": split}
+
+    def __len__(self) -> int:
+        return self._n
+
+    def iter_range(self, start: int, stop: int) -> Iterator[tuple[Any, int]]:
+        if self._random_access is not None:
+            for i in range(start, stop):
+                r = self._random_access[i]
+                yield r["image"], int(r["label"])
+            return
+        ds = self._builder.as_dataset(self._split, shuffle_files=False, decoders=self._decoders)
+        for r in ds.skip(start).take(stop - start).as_numpy_iterator():
+            yield r["image"], int(r["label"])
+
+    @staticmethod
+    def open(raw: bytes) -> Image.Image:
+        with Image.open(io.BytesIO(raw)) as im:
+            return im.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def _encode_batch(graphdef, state, x, index, key, mode: str, flips: bool):
+    """x uint8 (B, S, S, 3) -> (B, 2, h, w, c') with flips else (B, h, w, c'); c' = 2c for moments."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    vae = nnx.merge(graphdef, state)
+    s = vae.config.scale_factor
+    x = x.astype(jnp.float32) / 127.5 - 1.0
+    if flips:  # interleave (image, mirror) per example: each device keeps its own pairs
+        x = jnp.stack([x, x[:, :, ::-1]], axis=1).reshape(-1, *x.shape[1:])
+    mean, logvar = vae.moments(x)  # (B', h, w, c)
+    if mode == "mean":
+        out = mean * s
+    elif mode == "sample":
+        views = 2 if flips else 1
+        keys = jax.vmap(lambda i: jax.vmap(lambda v: jax.random.fold_in(jax.random.fold_in(key, i), v))(
+            jnp.arange(views)))(index).reshape(-1)
+        eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(keys)
+        out = (mean + jnp.exp(0.5 * logvar) * eps) * s
+    else:  # moments of the scaled latent: N(s * mean, s^2 * var)
+        out = jnp.concatenate([mean * s, logvar + 2.0 * np.log(s)], axis=-1)
+    return out.reshape(index.shape[0], 2, *out.shape[1:]) if flips else out
+
+
+@functools.cache
+def _jitted():
+    """One jit cache across calls, so reruns in one process do not recompile."""
+    import jax
+
+    return jax.jit(_encode_batch, static_argnames=("graphdef", "mode", "flips"))
+
+
+def _batches(source, start, stop, batch_size, image_size, pool) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Decoded, cropped batches of [start, stop), two batches decoding ahead in `pool`."""
+    def load(raw):
+        return center_crop_arr(source.open(raw), image_size)
+
+    def submit(lo):
+        hi = min(lo + batch_size, stop)
+        raws = list(source.iter_range(lo, hi))
+        return lo, hi, [pool.submit(load, r) for r, _ in raws], np.array([lab for _, lab in raws], np.int64)
+
+    queue = collections.deque(submit(lo) for lo in range(start, min(start + 2 * batch_size, stop), batch_size))
+    nxt = start + len(queue) * batch_size
+    while queue:
+        lo, hi, futs, labels = queue.popleft()
+        if nxt < stop:
+            queue.append(submit(nxt))
+            nxt += batch_size
+        yield np.stack([f.result() for f in futs]), labels, np.arange(lo, hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    image_size: int = 256
+    shard_size: int = 10_000
+    batch_size: int = 64
+    mode: str = "mean"
+    dtype: str = "float32"
+    flips: bool = True
+    seed: int = 0
+    workers: int = 0  # 0: os.cpu_count()
+    max_shards: int | None = None  # stop after writing this many shards (partial runs, tests)
+    progress: bool = True
+
+    def check(self, num_devices: int) -> None:
+        if self.mode not in L.MODES:
+            raise ValueError(f"--mode={self.mode!r} is not one of {list(L.MODES)}")
+        if self.dtype not in L.DTYPES:
+            raise ValueError(f"--dtype={self.dtype!r} is not one of {list(L.DTYPES)}")
+        for name in ("image_size", "shard_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}={getattr(self, name)} must be >= 1")
+        if self.batch_size % num_devices:
+            raise ValueError(f"--batch_size={self.batch_size} must be a multiple of the {num_devices} local devices")
+
+
+# Checked on resume, the flags first so the error names what the user changed.
+_SETTINGS = ("image_size", "mode", "flips", "dtype", "seed", "shard_size", "format_version", "num_examples",
+             "num_shards", "latent_shape", "record_shape", "scale_factor")
+
+
+def _plan(source, vae, vae_name: str, opt: Options) -> dict[str, Any]:
+    cfg = vae.config
+    f = cfg.downsample_factor
+    if opt.image_size % f:
+        raise ValueError(f"--image_size={opt.image_size} must be a multiple of the VAE's downsampling factor {f}")
+    shape = [opt.image_size // f, opt.image_size // f, cfg.latent_channels]
+    rec = shape[:2] + [shape[2] * (2 if opt.mode == "moments" else 1)]
+    n = len(source)
+    meta = {"format_version": L.FORMAT_VERSION, "num_examples": n, "num_shards": max(1, -(-n // opt.shard_size)),
+            "shard_size": opt.shard_size, "latent_shape": shape, "record_shape": ([2] if opt.flips else []) + rec,
+            "dtype": opt.dtype, "scale_factor": cfg.scale_factor, "flips": opt.flips, "mode": opt.mode,
+            "seed": opt.seed, "image_size": opt.image_size,
+            "vae": {"name": vae_name, "config": dataclasses.asdict(cfg)}, "source": source.description,
+            "classes": list(getattr(source, "classes", [])), "shards": []}
+    return json.loads(json.dumps(meta))  # JSON types (lists, not tuples), as when read back
+
+
+def _finished(out: str, meta: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Finished shards by index: listed in metadata, or complete under their final name."""
+    listed = {s["name"]: s for s in meta["shards"]}
+    done = {}
+    for i in range(meta["num_shards"]):
+        name = L.shard_name(i, meta["num_shards"])
+        path = os.path.join(out, name)
+        if not os.path.isfile(path):
+            continue
+        want = min(meta["shard_size"], meta["num_examples"] - i * meta["shard_size"])
+        if name in listed:
+            done[i] = listed[name]
+        elif L.count_records(path) == want:  # renamed, but the crash came before the metadata update
+            done[i] = {"name": name, "num_examples": want, "sha256": L.file_sha256(path)}
+    return done
+
+
+def extract(source, out: str, vae, vae_name: str = "", options: Options = Options(),
+            on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Encode `source` into `out` (resuming a previous run); returns the metadata."""
+    import jax
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from tqdm import tqdm
+
+    devices = jax.local_devices()
+    options.check(len(devices))
+    os.makedirs(out, exist_ok=True)
+    meta = _plan(source, vae, vae_name, options)
+    meta_path = os.path.join(out, L.METADATA)
+    if os.path.isfile(meta_path):
+        old = L.read_metadata(out)
+        for k in _SETTINGS:
+            if old.get(k) != meta[k]:
+                raise ValueError(f"--out={out!r} holds latents with {k}={old.get(k)!r}, this run has {meta[k]!r}; "
+                                 f"use the same settings to resume, or a fresh --out")
+        if old["vae"]["config"] != meta["vae"]["config"]:
+            raise ValueError(f"--out={out!r} holds latents of another VAE config; use a fresh --out")
+        meta["shards"] = old["shards"]
+    for name in os.listdir(out):
+        if name.endswith(".array_record.tmp"):
+            os.remove(os.path.join(out, name))  # half-written by an interrupted run
+    done = _finished(out, meta)
+    meta["shards"] = [done[i] for i in sorted(done)]
+    L.write_metadata(out, meta)
+
+    mesh = Mesh(np.array(devices), ("data",))
+    data, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    graphdef, state = nnx.split(vae)
+    state = jax.device_put(state, repl)
+    key = jax.random.key(options.seed)
+    encode = _jitted()
+    n, k, bs = meta["num_examples"], meta["shard_size"], options.batch_size
+    todo = [i for i in range(meta["num_shards"]) if i not in done][: options.max_shards]
+    bar = tqdm(total=n, initial=sum(s["num_examples"] for s in done.values()), unit="img",
+               disable=not options.progress, desc="latents")
+    with concurrent.futures.ThreadPoolExecutor(options.workers or os.cpu_count() or 1) as pool:
+        for i in todo:
+            writer = L.ShardWriter(out, L.shard_name(i, meta["num_shards"]))
+            try:
+                for imgs, labels, index in _batches(source, i * k, min((i + 1) * k, n), bs, options.image_size,
+                                                    pool):
+                    m = len(index)  # pad the last batch: one static shape, one compilation
+                    imgs = np.concatenate([imgs, np.zeros((bs - m, *imgs.shape[1:]), imgs.dtype)])
+                    idx = np.concatenate([index, np.zeros(bs - m, index.dtype)]).astype(np.int32)
+                    z = encode(graphdef, state, jax.device_put(imgs, data), jax.device_put(idx, data), key,
+                               mode=options.mode, flips=options.flips)
+                    z = np.asarray(z)[:m].astype(options.dtype)
+                    for j in range(m):
+                        writer.write(z[j], labels[j], index[j])
+                    bar.update(m)
+                done[i] = writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+            meta["shards"] = [done[j] for j in sorted(done)]
+            L.write_metadata(out, meta)
+            if on_shard is not None:
+                on_shard(i)
+    bar.close()
+    return meta
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m patch_forcing.tools.extract_latents",
+                                description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="image folder with one subfolder per class")
+    src.add_argument("--tfds", help="tfds dataset name, e.g. imagenet2012")
+    p.add_argument("--split", default="train", help="tfds split")
+    p.add_argument("--tfds_data_dir", default=None)
+    p.add_argument("--tfds_manual_dir", default=None, help="folder with ImageNet's downloaded tars")
+    p.add_argument("--out", required=True, help="output latent directory (resumed if it exists)")
+    p.add_argument("--vae_path", default=None, help="diffusion_pytorch_model.safetensors or its folder "
+                   "(default: env PF_VAE_WEIGHTS, else the Hugging Face hub)")
+    p.add_argument("--vae_repo", default="stabilityai/sd-vae-ft-ema")
+    d = Options()
+    p.add_argument("--image_size", type=int, default=d.image_size)
+    p.add_argument("--shard_size", type=int, default=d.shard_size)
+    p.add_argument("--batch_size", type=int, default=d.batch_size, help="images per step (x2 with flips)")
+    p.add_argument("--mode", default=d.mode, choices=L.MODES)
+    p.add_argument("--dtype", default=d.dtype, choices=L.DTYPES)
+    p.add_argument("--no_flips", action="store_true", help="encode only the unflipped image")
+    p.add_argument("--seed", type=int, default=d.seed, help="posterior sampling seed (--mode=sample)")
+    p.add_argument("--workers", type=int, default=d.workers, help="image decoding threads (0: all cores)")
+    p.add_argument("--max_shards", type=int, default=None, help="write at most this many shards, then stop")
+    p.add_argument("--no_progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from patch_forcing import vae as V
+
+    source = ImageFolder(args.images) if args.images else TfdsImages(
+        args.tfds, args.split, args.tfds_data_dir, args.tfds_manual_dir)
+    vae = V.load_vae(args.vae_repo, local_path=args.vae_path)
+    opt = Options(image_size=args.image_size, shard_size=args.shard_size, batch_size=args.batch_size,
+                  mode=args.mode, dtype=args.dtype, flips=not args.no_flips, seed=args.seed, workers=args.workers,
+                  max_shards=args.max_shards, progress=not args.no_progress)
+    name = args.vae_path or os.environ.get(V.ENV_WEIGHTS) or args.vae_repo
+    meta = extract(source, args.out, vae, name, opt)
+    print(f"{len(meta['shards'])}/{meta['num_shards']} shards in {args.out}", file=sys.stderr)
+    return meta
+
+
+if __name__ == "__main__":
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_deterministic_ops" not in _flags:  # byte-identical reruns on GPU too (read at backend start)
+        os.environ["XLA_FLAGS"] = (_flags + " --xla_gpu_deterministic_ops=true").strip()
+    main()
