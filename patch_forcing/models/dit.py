@@ -1,0 +1,464 @@
+"""DiT / SiT backbone with per-patch time conditioning and a difficulty head (SPEC §3).
+
+One implementation, two conditioning modes:
+  per_patch=True  (Patch Forcing): t (B, N); every token gets its own time embedding plus the class
+                  embedding, adaLN shift/scale/gate are per token (B, N, D); the final linear emits
+                  p*p*(C+1) values per token -> velocity v (B, H, W, C) and log-variance s (B, H, W, 1).
+  per_patch=False (DiT/SiT baseline): t (B,); adaLN per sample; the head emits p*p*C -> (v, None).
+
+Parameter tree (nnx.state(model, nnx.Param).to_pure_dict()), kernels stored (in, out):
+  x_embedder.{kernel (p,p,C,D), bias}        t_embedder.{fc1, fc2}.{kernel, bias}
+  y_embedder.embedding (num_classes+1, D)    blocks[i].attn.{qkv, proj}, blocks[i].mlp.{fc1, fc2},
+  blocks[i].adaLN_modulation                 final_layer.{adaLN_modulation, linear}
+The fixed 2-D sin-cos position embedding `pos_embed` (1, N, D) is a `FixedEmbedding` variable, not
+an nnx.Param: select parameters with `nnx.Param` when differentiating / optimising / averaging.
+
+Logical sharding names on every variable: 'embed' (model width D), 'mlp' (3D/4D/6D/2D fan-out),
+'vocab' (class-table rows), None otherwise. `logical_axis_rules(fsdp)` maps them onto a mesh; build
+the model inside `jax.set_mesh(mesh)` and `nnx.logical_axis_rules(rules)` to shard it eagerly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.core import meta, spmd
+
+FREQ_DIM = 256  # sinusoidal time-embedding size
+MAX_PERIOD = 10000.0
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+LOGICAL_AXES = ("embed", "mlp", "vocab")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Architecture of a DiT; JSON-able via to_dict/from_dict (stored in inference checkpoints)."""
+
+    image_size: Any  # (H, W) or int; normalised to a tuple (H, W)
+    in_channels: int
+    patch_size: int
+    hidden_size: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    per_patch: bool = True
+    dtype: str = "float32"  # compute dtype; params are always float32
+    attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=...)
+
+    def __post_init__(self):
+        size = self.image_size
+        if isinstance(size, (int, np.integer)):
+            size = (int(size), int(size))
+        if not (isinstance(size, (tuple, list)) and len(size) == 2):
+            raise ValueError(f"image_size must be an int or (H, W), got {self.image_size!r}")
+        object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
+        h, w = self.image_size
+        checks = [
+            (h >= 1 and w >= 1, f"image_size must be positive, got {self.image_size}"),
+            (self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}"),
+            (self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}"),
+            (self.depth >= 1, f"depth must be >= 1, got {self.depth}"),
+            (self.num_heads >= 1, f"num_heads must be >= 1, got {self.num_heads}"),
+            (self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}"),
+            (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
+            (self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {list(DTYPES)}"),
+            (
+                self.attention_impl in ATTENTION_IMPLS,
+                f"attention_impl={self.attention_impl!r} is not one of {list(ATTENTION_IMPLS)}",
+            ),
+            (
+                self.hidden_size >= 4 and self.hidden_size % 4 == 0,
+                f"hidden_size must be a positive multiple of 4 (2-D sin-cos position embedding), "
+                f"got {self.hidden_size}",
+            ),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"patch_size={self.patch_size} must divide image_size={self.image_size}"
+            )
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels + 1 if self.per_patch else self.in_channels
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiTConfig":
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown DiTConfig fields {unknown}; allowed: {names}")
+        return cls(**d)
+
+
+_SIZES = {  # name: (depth, hidden_size, num_heads)
+    "Tiny": (4, 128, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+_PATCHES = {"Tiny": (1, 2, 4), "S": (2, 4, 8), "B": (2, 4, 8), "L": (2, 4, 8), "XL": (2, 4, 8)}
+PRESETS = tuple(
+    f"{kind}-{size}/{p}" for kind in ("PF", "DiT") for size in _SIZES for p in _PATCHES[size]
+)
+
+
+def preset(name: str, **overrides) -> DiTConfig:
+    """'PF-B/2' (per-patch) or 'DiT-B/2' (global); ImageNet-256 latent defaults (32x32x4, 1000
+    classes); any DiTConfig field can be overridden, e.g. preset('PF-Tiny/2', image_size=8)."""
+    if name not in PRESETS:
+        raise ValueError(f"model preset={name!r} is not one of {list(PRESETS)}")
+    kind, rest = name.split("-", 1)
+    size, p = rest.split("/")
+    depth, width, heads = _SIZES[size]
+    fields = dict(
+        image_size=32, in_channels=4, patch_size=int(p), hidden_size=width, depth=depth,
+        num_heads=heads, num_classes=1000, per_patch=(kind == "PF"),
+    )
+    allowed = [f.name for f in dataclasses.fields(DiTConfig)]
+    for key in overrides:
+        if key not in allowed:
+            raise ValueError(f"preset override {key!r} is not a DiTConfig field; allowed: {allowed}")
+    fields.update(overrides)
+    return DiTConfig(**fields)
+
+
+def logical_axis_rules(fsdp: bool, fsdp_axis: str = "fsdp") -> tuple[tuple[str, str | None], ...]:
+    """Logical -> mesh axis rules: FSDP shards the model width D over `fsdp_axis`, else replicate."""
+    return (("embed", fsdp_axis if fsdp else None), ("mlp", None), ("vocab", None))
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def sincos_pos_embed(hidden_size: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """MAE's fixed 2-D sin-cos embedding, (grid_h * grid_w, D) in raster token order.
+
+    As in the reference (meshgrid with w first): the first D/2 features encode the column index,
+    the last D/2 the row index; each half is [sin(pos * omega), cos(pos * omega)],
+    omega_k = 10000^(-k / (D/4)), computed in float64.
+    """
+    def one_d(dim: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / MAX_PERIOD ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.outer(pos.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    cols, rows = np.meshgrid(np.arange(grid_w, dtype=np.float32), np.arange(grid_h, dtype=np.float32))
+    return np.concatenate([one_d(hidden_size // 2, cols), one_d(hidden_size // 2, rows)], axis=1)
+
+
+def timestep_embedding(t: jnp.ndarray, dim: int = FREQ_DIM) -> jnp.ndarray:
+    """t (...,) in [0, 1] as is -> (..., dim) [cos, sin], freqs exp(-ln(10000) k / (dim/2))."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(MAX_PERIOD) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def layer_norm(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
+    """LayerNorm without affine, computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class FixedEmbedding(nnx.Variable):
+    """A constant, non-trainable array stored with the model (not an nnx.Param)."""
+
+
+def _explicit_mesh() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.are_all_axes_explicit
+
+
+def _use(w: jnp.ndarray, dtype) -> jnp.ndarray:
+    """A weight cast to the compute dtype; under an Explicit-axes mesh also all-gathered
+    (replicated) first, FSDP-style. Under Auto axes XLA's sharding propagation does this."""
+    w = w.astype(dtype)
+    return jax.sharding.reshard(w, jax.P()) if _explicit_mesh() else w
+
+
+def _reshape(x: jnp.ndarray, shape: tuple) -> jnp.ndarray:
+    """Reshape keeping the batch (first) axis; under an Explicit mesh its sharding is kept."""
+    if _explicit_mesh():
+        spec = tuple(jax.typeof(x).sharding.spec) or (None,)
+        out = jax.P(spec[0], *([None] * (len(shape) - 1)))
+        return jax.lax.reshape(x, shape, out_sharding=out)
+    return x.reshape(shape)
+
+
+def patchify(x: jnp.ndarray, p: int) -> jnp.ndarray:
+    """(B, H, W, C) -> (B, N, p*p*C), tokens in raster order laid out (p, p, C) (= flow.patchify)."""
+    b, h, w, c = x.shape
+    x = _reshape(x, (b, h // p, p, w // p, p, c)).transpose(0, 1, 3, 2, 4, 5)
+    return _reshape(x, (b, (h // p) * (w // p), p * p * c))
+
+
+def unpatchify(tokens: jnp.ndarray, p: int, h: int, w: int) -> jnp.ndarray:
+    """(B, N, p*p*C) -> (B, H, W, C); the inverse of `patchify` (= flow.unpatchify)."""
+    b, _, k = tokens.shape
+    x = _reshape(tokens, (b, h // p, w // p, p, p, k // (p * p))).transpose(0, 1, 3, 2, 4, 5)
+    return _reshape(x, (b, h, w, k // (p * p)))
+
+
+class _Factory:
+    """Holds the compute dtype, the rngs and whether annotations shard eagerly."""
+
+    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+        self.rngs = rngs
+        self.dtype = jnp.dtype(cfg.dtype)
+        # Annotations shard eagerly only under a mesh (flax default); without one they are metadata.
+        self.eager = nnx.using_eager_sharding() and meta.global_mesh_defined()
+        if self.eager:
+            names = {name for name, _ in spmd.get_logical_axis_rules()}
+            if not set(LOGICAL_AXES) <= names:
+                raise ValueError(
+                    f"building DiT under a mesh needs logical axis rules for {list(LOGICAL_AXES)}: "
+                    "wrap it in nnx.logical_axis_rules(dit.logical_axis_rules(fsdp))"
+                )
+
+    def param(self, init, shape, names):
+        init = nnx.with_partitioning(init, names, eager_sharding=self.eager)
+        return nnx.Param(init(self.rngs.params(), shape, jnp.float32))
+
+    def linear(self, d_in, d_out, names, kernel_init=None):
+        return Dense(self, d_in, d_out, names, kernel_init or nnx.initializers.xavier_uniform())
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias; kernel (d_in, d_out) float32, computed in the model dtype."""
+
+    def __init__(self, f: _Factory, d_in, d_out, names, kernel_init):
+        self.dtype = f.dtype
+        self.kernel = f.param(kernel_init, (d_in, d_out), names)
+        self.bias = f.param(nnx.initializers.zeros_init(), (d_out,), names[1:])
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), _use(self.kernel[...], self.dtype))
+        return y + _use(self.bias[...], self.dtype)
+
+
+class PatchEmbed(nnx.Module):
+    """A p x p, stride-p convolution as a linear map on (p, p, C)-ordered patches: kernel
+    (p, p, C, D), initialised like a linear on the flattened kernel (xavier, fan p*p*C -> D)."""
+
+    def __init__(self, f: _Factory, p: int, c: int, d: int):
+        self.p, self.dtype = p, f.dtype
+        init = nnx.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
+        self.kernel = f.param(init, (p, p, c, d), (None, None, None, "embed"))
+        self.bias = f.param(nnx.initializers.zeros_init(), (d,), ("embed",))
+
+    def __call__(self, x):  # (B, H, W, C) -> (B, N, D)
+        tokens = patchify(x.astype(self.dtype), self.p)  # (B, N, p*p*C)
+        kernel = _use(self.kernel[...], self.dtype)
+        return jnp.dot(tokens, kernel.reshape(-1, kernel.shape[-1])) + _use(self.bias[...], self.dtype)
+
+
+class LabelEmbed(nnx.Module):
+    """Class table with num_classes + 1 rows; the last row is the null class (CFG)."""
+
+    def __init__(self, f: _Factory, rows: int, d: int):
+        self.dtype = f.dtype
+        self.embedding = f.param(nnx.initializers.normal(0.02), (rows, d), ("vocab", "embed"))
+
+    def __call__(self, y):  # (B,) int -> (B, D)
+        table = _use(self.embedding[...], self.dtype)
+        y = y.astype(jnp.int32)
+        if _explicit_mesh():
+            return table.at[y].get(out_sharding=jax.P(*jax.typeof(y).sharding.spec, None))
+        return table[y]
+
+
+class TimestepEmbedder(nnx.Module):
+    def __init__(self, f: _Factory, d: int):
+        init = nnx.initializers.normal(0.02)
+        self.fc1 = f.linear(FREQ_DIM, d, (None, "embed"), init)
+        self.fc2 = f.linear(d, d, (None, "embed"), init)
+
+    def __call__(self, t):  # (...,) -> (..., D)
+        return self.fc2(nnx.silu(self.fc1(timestep_embedding(t))))
+
+
+class Attention(nnx.Module):
+    def __init__(self, f: _Factory, d: int, num_heads: int, impl: str | None):
+        self.num_heads, self.impl = num_heads, impl
+        self.qkv = f.linear(d, 3 * d, ("embed", "mlp"))
+        self.proj = f.linear(d, d, (None, "embed"))
+
+    def __call__(self, x):  # (B, N, D)
+        b, n, d = x.shape
+        qkv = _reshape(self.qkv(x), (b, n, 3, self.num_heads, d // self.num_heads))
+        out = jax.nn.dot_product_attention(
+            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.impl
+        )  # (B, N, heads, head_dim)
+        return self.proj(_reshape(out, (b, n, d)))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, f: _Factory, d: int, hidden: int):
+        self.fc1 = f.linear(d, hidden, ("embed", "mlp"))
+        self.fc2 = f.linear(hidden, d, ("mlp", "embed"))
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class DiTBlock(nnx.Module):
+    """adaLN-Zero block; c is (B, N, D) per token or (B, 1, D) per sample."""
+
+    def __init__(self, f: _Factory, cfg: DiTConfig):
+        d = cfg.hidden_size
+        self.attn = Attention(f, d, cfg.num_heads, cfg.attention_impl)
+        self.mlp = Mlp(f, d, int(d * cfg.mlp_ratio))
+        self.adaLN_modulation = f.linear(d, 6 * d, ("embed", "mlp"), nnx.initializers.zeros_init())
+
+    def __call__(self, x, c):
+        mods = jnp.split(self.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = x + gate_msa * self.attn(modulate(layer_norm(x), shift_msa, scale_msa))
+        x = x + gate_mlp * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nnx.Module):
+    def __init__(self, f: _Factory, cfg: DiTConfig):
+        d, p = cfg.hidden_size, cfg.patch_size
+        zeros = nnx.initializers.zeros_init()
+        self.adaLN_modulation = f.linear(d, 2 * d, ("embed", "mlp"), zeros)
+        self.linear = f.linear(d, p * p * cfg.out_channels, ("embed", None), zeros)
+
+    def __call__(self, x, c):  # -> (B, N, p*p*out_channels), per token laid out (p, p, C_out)
+        shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c)), 2, axis=-1)
+        return self.linear(modulate(layer_norm(x), shift, scale))
+
+
+class DiT(nnx.Module):
+    """DiT(cfg, rngs=nnx.Rngs(0)) or DiT(**DiTConfig fields, rngs=...); see the module docstring."""
+
+    def __init__(self, config: DiTConfig | None = None, *, rngs: nnx.Rngs | None = None, **kwargs):
+        if config is None:
+            config = DiTConfig(**kwargs)
+        elif kwargs:
+            config = dataclasses.replace(config, **kwargs)
+        cfg = self.config = config
+        f = _Factory(cfg, rngs if rngs is not None else nnx.Rngs(0))
+        d, p, c = cfg.hidden_size, cfg.patch_size, cfg.in_channels
+        self.x_embedder = PatchEmbed(f, p, c, d)
+        self.t_embedder = TimestepEmbedder(f, d)
+        self.y_embedder = LabelEmbed(f, cfg.num_classes + 1, d)
+        pos = jnp.asarray(sincos_pos_embed(d, *cfg.grid), jnp.float32)[None]  # (1, N, D)
+        self.pos_embed = FixedEmbedding(
+            pos, out_sharding=(None, None, "embed"), eager_sharding=f.eager
+        )
+        self.blocks = nnx.List([DiTBlock(f, cfg) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(f, cfg)
+
+    def _check_inputs(self, x, t, y):
+        cfg = self.config
+        h, w = cfg.image_size
+        if x.ndim != 4 or x.shape[1:] != (h, w, cfg.in_channels):
+            raise ValueError(
+                f"x must have shape (B, H, W, C)=(B, {h}, {w}, {cfg.in_channels}) for this config, "
+                f"got {tuple(x.shape)}"
+            )
+        b, n = x.shape[0], cfg.num_patches
+        want = (b, n) if cfg.per_patch else (b,)
+        if tuple(t.shape) != want:
+            kind, dims = ("per-patch", "(B, N)") if cfg.per_patch else ("global", "(B,)")
+            raise ValueError(f"t must have shape {dims}={want} for a {kind} model, got {tuple(t.shape)}")
+        if tuple(y.shape) != (b,):
+            raise ValueError(f"y must have shape (B,)=({b},), got {tuple(y.shape)}")
+
+    def __call__(self, x, t, y):
+        """x (B, H, W, C), t (B, N) per-patch or (B,) global, y (B,) int in [0, num_classes]
+        (num_classes = the null class) -> v (B, H, W, C) float32, s (B, H, W, 1) float32 or None."""
+        self._check_inputs(x, t, y)
+        cfg = self.config
+        (h, w), p, c_in = cfg.image_size, cfg.patch_size, cfg.in_channels
+        tok = self.x_embedder(x)  # (B, N, D) in the compute dtype
+        tok = tok + _use(self.pos_embed[...], jnp.float32)  # the residual stream stays float32
+        temb = self.t_embedder(t if cfg.per_patch else t[:, None])  # (B, N or 1, D)
+        cond = temb + self.y_embedder(y)[:, None, :]  # (B, N or 1, D)
+        for block in self.blocks:
+            tok = block(tok, cond)
+        out = self.final_layer(tok, cond).astype(jnp.float32)  # (B, N, p*p*C_out)
+        img = unpatchify(out, p, h, w)  # (B, H, W, C_out)
+        if cfg.per_patch:
+            return img[..., :c_in], img[..., c_in:]
+        return img, None
+
+
+def _flat_shapes(tree: dict, prefix: str = "") -> dict[str, tuple]:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        out.update(_flat_shapes(v, path + "/") if isinstance(v, dict) else {path: tuple(np.shape(v))})
+    return out
+
+
+def load_params(model: DiT, params: dict) -> DiT:
+    """Write a pure nested dict of arrays (as `nnx.to_pure_dict(nnx.state(model, nnx.Param))`,
+    block indices int or str) into the model in place; ValueError on other keys or shapes."""
+    state = nnx.state(model, nnx.Param)
+    want, got = _flat_shapes(nnx.to_pure_dict(state)), _flat_shapes(params)
+    if want != got:
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        bad = [k for k in want if k in got and want[k] != got[k]][:1]
+        detail = f"; {bad[0]}: {got[bad[0]]} != {want[bad[0]]}" if bad else ""
+        raise ValueError(f"params do not fit the model: missing {missing}, unexpected {extra}{detail}")
+    old = nnx.to_pure_dict(state)
+    nnx.replace_by_pure_dict(state, params)
+    # keep each parameter's dtype and placement (e.g. FSDP shards of a model built under a mesh)
+    placed = jax.tree.map(
+        lambda new, prev: jax.device_put(jnp.asarray(new, prev.dtype), prev.sharding),
+        nnx.to_pure_dict(state), old,
+    )
+    nnx.replace_by_pure_dict(state, placed)
+    nnx.update(model, state)
+    return model
+
+
+def param_count(cfg: DiTConfig) -> int:
+    """Trainable (nnx.Param) parameters, counted on an abstract model (nothing materialised)."""
+    abstract = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
+    leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    return int(sum(math.prod(leaf.shape) for leaf in leaves))
