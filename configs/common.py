@@ -59,8 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
         guidance_interval=(0.0, 1.0),
     ))
     # --mode=sample: how many images, which classes (empty: uniform random), where to read the
-    # inference checkpoint (empty: <workdir>/inference).
+    # inference checkpoint (empty: <workdir>/inference), the VAE that decodes latents (empty: none).
     c.sample = ml_collections.ConfigDict(dict(
-        num_images=64, batch_size=64, classes=(), checkpoint="", num_difficulty_rows=4,
+        num_images=64, batch_size=64, classes=(), checkpoint="", num_difficulty_rows=4, vae="",
     ))
     return c

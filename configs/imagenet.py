@@ -41,4 +41,5 @@ def get_config(arg: str = "B"):
     c.log.num_samples, c.log.num_eval_examples = 32, 1024
     c.sampler.name = "euler" if sit else "look_ahead"
     c.sampler.cfg_scale = 4.0
+    c.sample.vae = "stabilityai/sd-vae-ft-ema"  # or a local diffusion_pytorch_model.safetensors
     return c

@@ -1,6 +1,8 @@
 """--mode=sample: draw class-conditional samples from an inference checkpoint (EMA weights).
 
-Writes to <workdir>/samples/<sampler name>/ (e.g. `dual_loop-q40-n4-s50-cfg4.0`):
+Latent models (ImageNet) decode with the SD-VAE named by `config.sample.vae` (a local
+safetensors file/folder, or a hub repo id such as stabilityai/sd-vae-ft-ema); pixel models leave
+it empty. Writes to <workdir>/samples/<sampler name>/ (e.g. `dual_loop-q40-n4-s50-cfg4.0`):
   grid.png          the first images as a grid
   samples.npz       ADM-compatible: arr_0 uint8 (N, H, W, C), plus labels
   difficulty.png    for a few samples: the image beside its per-patch difficulty heatmap at
@@ -42,6 +44,16 @@ def class_labels(config, num: int, num_classes: int, key) -> np.ndarray:
     return np.asarray(jax.random.randint(key, (num,), 0, num_classes), np.int32)
 
 
+def make_decoder(vae_spec: str):
+    """Latents -> pixels in [-1, 1] with the SD-VAE: a local file/folder, or a hub repo id."""
+    from patch_forcing import vae as vae_lib
+
+    local = epath.Path(vae_spec).exists()
+    model = vae_lib.load_vae(local_path=vae_spec) if local else vae_lib.load_vae(vae_spec)
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda z: jnp.clip(nnx.merge(graphdef, state).decode(z), -1.0, 1.0))
+
+
 def sample_and_save(config, workdir: str) -> epath.Path:
     workdir = epath.Path(workdir)
     ckpt_dir = epath.Path(config.sample.checkpoint) if config.sample.checkpoint else workdir / "inference"
@@ -58,6 +70,7 @@ def sample_and_save(config, workdir: str) -> epath.Path:
     sample_fn = samplers.make_sample_fn(apply, scfg, return_trajectory=False)
     traj_fn = samplers.make_sample_fn(apply, scfg, return_trajectory=True)
 
+    decode = make_decoder(config.sample.vae) if config.sample.vae else (lambda x: x)
     images, nfe = [], None
     for i in tqdm(range(0, n, bs), desc=f"sampling {name}", unit="batch"):
         b = min(bs, n - i)
@@ -66,6 +79,7 @@ def sample_and_save(config, workdir: str) -> epath.Path:
         y = jnp.asarray(np.resize(labels[i:i + b], bs))
         fn = traj_fn if i == 0 else sample_fn
         x, info = fn(params, noise, y, jax.random.fold_in(bkey, 1))
+        x = decode(x)
         if i == 0:
             info = jax.device_get(info)
             rows = int(config.sample.num_difficulty_rows)
