@@ -15,6 +15,7 @@ def model_block(preset_name: str, **overrides) -> ml_collections.ConfigDict:
     """All DiTConfig fields of a preset, spelled out so each can be overridden."""
     cfg = dit.preset(preset_name, **overrides).to_dict()
     cfg["image_size"] = tuple(cfg["image_size"])
+    cfg["attention_impl"] = cfg["attention_impl"] or ""  # "" = JAX's choice; "cudnn" on GPUs
     return ml_collections.ConfigDict({"preset": preset_name, **cfg})
 
 

@@ -28,6 +28,7 @@ def model_config(config) -> dit.DiTConfig:
     """The DiTConfig spelled out in `config.model` (the `preset` field is informational)."""
     fields = {f.name for f in dataclasses.fields(dit.DiTConfig)}
     block = {k: v for k, v in config.model.items() if k != "preset"}
+    block["attention_impl"] = block.get("attention_impl") or None  # "" in configs = JAX's choice
     unknown = sorted(set(block) - fields)
     _require(not unknown, f"config.model has unknown fields {unknown}; allowed: {sorted(fields)}")
     try:
