@@ -22,8 +22,8 @@ which the reference uses, can differ from it by one ulp). Steps run in `lax.scan
 Classifier-free guidance: one call on the batch doubled as [uncond; cond] (labels `null_class`),
 v = v_u + w (v_c - v_u), and the same for s; the guided s picks the certain patches. cfg_scale == 1
 calls the model once, undoubled. With `guidance_interval=(lo, hi)` the model is guided only when
-the mean current time is in [lo, hi] (a `lax.cond`, so only one branch runs); outside it the
-conditional output is used. info['nfe'] counts model calls (a doubled batch counts one),
+the mean current time is in [lo, hi] (compared as float64, like the reference's `t.item()`; a
+`lax.cond`, so only one branch runs); outside it the conditional output is used. info['nfe'] counts model calls (a doubled batch counts one),
 info['nfe_doubled'] how many of them ran on the doubled batch.
 
 The certain mask follows the reference literally: exp(s) is pooled per patch, broadcast back to
@@ -153,7 +153,7 @@ def validate_sampler_config(cfg: Any, num_patches: int | None = None) -> Sampler
         shape = tuple(np.shape(cfg.schedule))
         n = num_patches if num_patches is not None else (shape[1] if len(shape) == 2 else -1)
         if shape != (cfg.steps + 1, n):
-            fail("schedule", f"has shape {shape}; expected (steps + 1, N) = ({cfg.steps + 1}, {n})")
+            raise ValueError(f"sampler.schedule has shape {shape}; expected (steps + 1, N) = ({cfg.steps + 1}, {n})")
     return cfg
 
 
@@ -277,11 +277,22 @@ def _model_call(model_fn: ModelFn, x, t, y, cfg: SamplerConfig):
 
     if cfg.guidance_interval is None:
         return (*guided(), jnp.int32(1))
-    lo, hi = cfg.guidance_interval
+    lo, hi = _f32_interval(*cfg.guidance_interval)
     t_mean = jnp.mean(t)
     inside = (t_mean >= lo) & (t_mean <= hi)
     v, v_c, s = jax.lax.cond(inside, guided, plain)
     return v, v_c, s, inside.astype(jnp.int32)
+
+
+def _f32_interval(lo: float, hi: float) -> tuple[np.float32, np.float32]:
+    """float32 bounds with t >= lo32 <=> t >= lo and t <= hi32 <=> t <= hi for float32 t, as the
+    reference compares the float32 time with Python (float64) bounds."""
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    if float(lo32) < lo:
+        lo32 = np.nextafter(lo32, np.float32(np.inf))
+    if float(hi32) > hi:
+        hi32 = np.nextafter(hi32, np.float32(-np.inf))
+    return lo32, hi32
 
 
 def _difficulty(s, cfg):
