@@ -1,0 +1,199 @@
+"""Pictures: uint8 conversion, image grids, PNG files, and per-patch difficulty maps (numpy + PIL).
+
+`difficulty_picture` shows, for a few samples, the final image beside its per-patch difficulty
+log d = s (pooled) at several sampler steps, coloured with a viridis-like map (dark = easy, yellow
+= hard, normalised per sample over the steps shown), and for the adaptive samplers a second row
+with the certain (light) / uncertain (red) patches of those steps. Everything is upscaled with
+nearest neighbour so an 8 x 8 digit is visible.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["to_uint8", "image_grid", "save_png", "load_png", "colormap", "difficulty_picture"]
+
+# Viridis sampled at 0, 1/8, ..., 1 (RGB 0..255); linear interpolation in between.
+_VIRIDIS = np.array(
+    [
+        [68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
+        [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37],
+    ],
+    np.float64,
+)
+CERTAIN_RGB = (235, 235, 235)
+UNCERTAIN_RGB = (200, 40, 40)
+
+
+def to_uint8(x) -> np.ndarray:
+    """Images in [-1, 1] -> uint8 [0, 255] as the reference's FID samples: clip(127.5 x + 128)."""
+    x = np.asarray(x, np.float32)
+    return np.clip(127.5 * x + 128.0, 0, 255).astype(np.uint8)
+
+
+def _rgb(images: np.ndarray) -> np.ndarray:
+    """(..., C) uint8 -> (..., 3): grey repeated, 2 channels padded with 0, > 3 channels cut to 3."""
+    c = images.shape[-1]
+    if c == 1:
+        return np.repeat(images, 3, axis=-1)
+    if c == 2:
+        return np.concatenate([images, np.zeros_like(images[..., :1])], axis=-1)
+    return images[..., :3]
+
+
+def image_grid(images, ncols: int | None = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """(B, H, W, C) -> one (rows*H + (rows+1)*pad, cols*W + (cols+1)*pad, C) image, row-major;
+    ncols defaults to ceil(sqrt(B)); missing cells of the last row are pad_value."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (B, H, W, C), got {images.shape}")
+    b, h, w, c = images.shape
+    ncols = int(ncols or math.ceil(math.sqrt(b)))
+    if ncols < 1:
+        raise ValueError(f"ncols must be >= 1, got {ncols}")
+    nrows = max(1, math.ceil(b / ncols))
+    out = np.full((nrows * h + (nrows + 1) * pad, ncols * w + (ncols + 1) * pad, c), pad_value, images.dtype)
+    for i in range(b):
+        r, col = divmod(i, ncols)
+        y0, x0 = pad + r * (h + pad), pad + col * (w + pad)
+        out[y0:y0 + h, x0:x0 + w] = images[i]
+    return out
+
+
+def save_png(path, array) -> None:
+    """Write a uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array as PNG; local or epath paths."""
+    a = np.asarray(array)
+    if a.dtype != np.uint8:
+        raise ValueError(f"save_png needs a uint8 array, got {a.dtype}")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 3 and a.shape[-1] == 2:
+        a = _rgb(a)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    data = buf.getvalue()
+    if hasattr(path, "write_bytes"):  # pathlib.Path / etils.epath.Path
+        path.write_bytes(data)
+    else:
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+def load_png(path) -> np.ndarray:
+    """Read a PNG back as a uint8 array."""
+    data = path.read_bytes() if hasattr(path, "read_bytes") else open(path, "rb").read()
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def colormap(values) -> np.ndarray:
+    """Values in [0, 1] (clipped; NaN -> 0) -> uint8 RGB (..., 3), viridis-like."""
+    v = np.nan_to_num(np.clip(np.asarray(values, np.float64), 0.0, 1.0))
+    pos = v * (len(_VIRIDIS) - 1)
+    lo = np.minimum(np.floor(pos).astype(int), len(_VIRIDIS) - 2)
+    frac = (pos - lo)[..., None]
+    rgb = _VIRIDIS[lo] * (1.0 - frac) + _VIRIDIS[lo + 1] * frac
+    return np.round(rgb).astype(np.uint8)
+
+
+def _grid_shape(n: int, h: int, w: int, patch_size: int | None) -> tuple[int, int]:
+    """The (rows, cols) patch grid of N tokens for an (h, w) image (decoded images: by aspect)."""
+    if patch_size and h % patch_size == 0 and w % patch_size == 0 and (h // patch_size) * (w // patch_size) == n:
+        return h // patch_size, w // patch_size
+    gh = max(1, round(math.sqrt(n * h / w)))
+    if n % gh:
+        raise ValueError(f"difficulty has N={n} patches, which is no grid for a {h}x{w} image")
+    return gh, n // gh
+
+
+def _upscale(a: np.ndarray, th: int, tw: int) -> np.ndarray:
+    """Nearest-neighbour resize of (h, w, 3) to (th, tw, 3)."""
+    ys = np.arange(th) * a.shape[0] // th
+    xs = np.arange(tw) * a.shape[1] // tw
+    return a[ys][:, xs]
+
+
+def _caption(canvas: np.ndarray, xy: tuple[int, int], text: str, box: bool = False) -> np.ndarray:
+    img = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(img)
+    if box:
+        draw.rectangle(draw.textbbox(xy, text), fill=(255, 255, 255))
+    draw.text(xy, text, fill=(0, 0, 0))
+    return np.array(img)
+
+
+def difficulty_picture(
+    images,
+    difficulty,
+    steps: Sequence[int] | None = None,
+    masks=None,
+    patch_size: int | None = None,
+    times=None,
+    labels: Sequence[str] | None = None,
+    max_columns: int = 6,
+    tile: int = 96,
+    pad: int = 4,
+) -> np.ndarray:
+    """Images beside their per-patch difficulty heatmaps over the trajectory -> uint8 (H', W', 3).
+
+    images (R, H, W, C) uint8; difficulty (R, S, N) per-patch d = exp(s) (shown as log d); steps:
+    which of the S steps to show (default: up to `max_columns` evenly spaced, first and last
+    included); masks (R, S, N) bool certain masks (adaptive samplers) add a row per sample; times
+    (R, S+1, N) or (S+1,) captions the columns with the mean time; labels caption the rows.
+    """
+    images = _rgb(np.asarray(images))
+    d = np.asarray(difficulty, np.float64)
+    if images.ndim != 4 or d.ndim != 3 or d.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"images (R, H, W, C) and difficulty (R, S, N) must agree, got {images.shape} and {d.shape}"
+        )
+    r, s_count, n = d.shape
+    _, h, w, _ = images.shape
+    gh, gw = _grid_shape(n, h, w, patch_size)
+    if steps is None:
+        steps = np.unique(np.round(np.linspace(0, s_count - 1, min(max_columns, s_count))).astype(int))
+    steps = [int(k) for k in steps]
+    if any(not 0 <= k < s_count for k in steps):
+        raise ValueError(f"steps must be in [0, {s_count}), got {steps}")
+    m = None if masks is None else np.asarray(masks, bool)
+    if m is not None and m.shape != d.shape:
+        raise ValueError(f"masks must have the difficulty's shape {d.shape}, got {m.shape}")
+
+    th = max(tile, h)
+    tw = max(1, round(th * w / h))
+    caption_h = 12 if times is not None else 0
+    ncols = 1 + len(steps)
+    rows_per_sample = 2 if m is not None else 1
+    height = caption_h + r * rows_per_sample * (th + pad) + pad
+    width = ncols * (tw + pad) + pad
+    canvas = np.full((height, width, 3), 255, np.uint8)
+
+    def put(row: int, col: int, a: np.ndarray):
+        y0, x0 = caption_h + pad + row * (th + pad), pad + col * (tw + pad)
+        canvas[y0:y0 + th, x0:x0 + tw] = _upscale(a, th, tw)
+
+    logd = np.log(np.maximum(d, np.finfo(np.float64).tiny))
+    for i in range(r):
+        row = i * rows_per_sample
+        put(row, 0, images[i])
+        shown = logd[i, steps]  # (K, N)
+        lo, hi = shown.min(), shown.max()
+        norm = (shown - lo) / (hi - lo) if hi > lo else np.full_like(shown, 0.5)
+        for j, k in enumerate(steps):
+            put(row, j + 1, colormap(norm[j].reshape(gh, gw)))
+            if m is not None:
+                mk = m[i, k].reshape(gh, gw)[..., None]
+                put(row + 1, j + 1, np.where(mk, np.uint8(CERTAIN_RGB), np.uint8(UNCERTAIN_RGB)).astype(np.uint8))
+    if times is not None:
+        t = np.asarray(times, np.float64)
+        t_steps = t.reshape(-1) if t.ndim == 1 else t.mean(axis=(0, 2))
+        for j, k in enumerate(steps):
+            canvas = _caption(canvas, (pad + (j + 1) * (tw + pad), 0), f"t={t_steps[k]:.2f}")
+    if labels is not None:
+        for i, text in enumerate(list(labels)[:r]):
+            canvas = _caption(canvas, (pad + 1, caption_h + pad + i * rows_per_sample * (th + pad) + 1), str(text), box=True)
+    return canvas
