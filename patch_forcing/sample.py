@@ -44,6 +44,18 @@ def class_labels(config, num: int, num_classes: int, key) -> np.ndarray:
     return np.asarray(jax.random.randint(key, (num,), 0, num_classes), np.int32)
 
 
+def trajectory_picture(images, info: dict, mcfg: dit.DiTConfig, rows: int):
+    """Samples beside their per-patch difficulty over the trajectory (and certain masks), or None."""
+    if not mcfg.per_patch or rows <= 0 or "difficulty" not in info:
+        return None
+    images = np.asarray(images[:rows])
+    uint8 = images if images.dtype == np.uint8 else pictures.to_uint8(images)
+    masks = info["certain"][:rows] if "certain" in info else None
+    scale = uint8.shape[1] // mcfg.image_size[0]  # decoded latents: pixels per latent cell
+    return pictures.difficulty_picture(uint8, info["difficulty"][:rows], masks=masks,
+                                       patch_size=mcfg.patch_size * scale, times=info["times"][:rows])
+
+
 def make_decoder(vae_spec: str):
     """Latents -> pixels in [-1, 1] with the SD-VAE: a local file/folder, or a hub repo id."""
     from patch_forcing import vae as vae_lib
@@ -81,12 +93,8 @@ def sample_and_save(config, workdir: str) -> epath.Path:
         x, info = fn(params, noise, y, jax.random.fold_in(bkey, 1))
         x = decode(x)
         if i == 0:
-            info = jax.device_get(info)
-            rows = int(config.sample.num_difficulty_rows)
-            if mcfg.per_patch and "difficulty" in info and rows > 0:
-                pic = pictures.difficulty_picture(
-                    pictures.to_uint8(np.asarray(x[:rows])), info["difficulty"][:rows],
-                    patch_size=mcfg.patch_size, masks=info.get("certain", None) if "certain" in info else None)
+            pic = trajectory_picture(x, jax.device_get(info), mcfg, int(config.sample.num_difficulty_rows))
+            if pic is not None:
                 pictures.save_png(out / "difficulty.png", pic)
         nfe = int(info["nfe"])
         images.append(pictures.to_uint8(np.asarray(x[:b])))

@@ -185,16 +185,14 @@ def first_non_finite(history: list[tuple[int, Any]]) -> tuple[int, float] | None
 
 
 def _write_samples(workdir, step, samples, info, mcfg, sampler_name, num_rows):
-    from patch_forcing import pictures
+    from patch_forcing import pictures, sample
 
     out = epath.Path(workdir) / "samples"
     out.mkdir(parents=True, exist_ok=True)
     images = pictures.to_uint8(np.asarray(samples))
     pictures.save_png(out / f"step{step:07d}-{sampler_name}.png", pictures.image_grid(images))
-    if mcfg.per_patch and info.get("difficulty") is not None:
-        pic = pictures.difficulty_picture(
-            images[:num_rows], np.asarray(info["difficulty"])[:num_rows], patch_size=mcfg.patch_size,
-            masks=None if info.get("certain") is None else np.asarray(info["certain"])[:num_rows])
+    pic = sample.trajectory_picture(images, info, mcfg, num_rows)
+    if pic is not None:
         pictures.save_png(out / f"step{step:07d}-{sampler_name}-difficulty.png", pic)
 
 
