@@ -109,9 +109,12 @@ def srm_with_mean(
         levels.append([c for d in levels[-1] for c in ((d // 2, d - d // 2) if d > 1 else (1,))])
     levels.pop()  # the last level holds the leaves; nothing left to split
     # One vectorised Beta draw for all nodes of all levels (leaves draw a discarded Beta(1, 1)).
-    a = np.array([srm_beta_param(d, sharpness) if d > 1 else 1.0 for lv in levels for d in lv], np.float32)
+    # `sharpness` may be traced; only the tree (from num_patches) must be static.
+    sizes = np.array([d for lv in levels for d in lv], np.int64)
+    base = np.array([srm_beta_param(d, 1.0) if d > 1 else 1.0 for d in sizes], np.float32)
+    a = jnp.where(sizes > 1, base * jnp.asarray(sharpness, jnp.float32), 1.0)
     k_split, k_perm = jax.random.split(key)
-    fracs = jax.random.beta(k_split, a, a, (batch, a.size), jnp.float32)  # (B, nodes)
+    fracs = jax.random.beta(k_split, a, a, (batch, sizes.size), jnp.float32)  # (B, nodes)
 
     totals = (mean * num_patches)[:, None]  # (B, K) node totals of the current level
     offset = 0
