@@ -22,10 +22,6 @@ def _np(x):
     return np.asarray(x, np.float64)
 
 
-# Compiling the Beta sampler dominates the runtime, once per (B, N) and per eager/jit: the
-# SRM tests use B = 10000 with N in {7, 16} only, mostly eager so they share the compiles.
-
-
 @functools.lru_cache(maxsize=None)
 def _jitted(name, params):
     return jax.jit(ts.make_timestep_sampler(name, **dict(params)), static_argnums=(1, 2))
@@ -105,6 +101,9 @@ def test_independent_iid_uniform():
 
 
 # ----------------------------------------------------------------------------- SRM
+
+# Compiling the Beta sampler dominates this file's runtime (once per (B, N), eager or jit):
+# the SRM tests use B = 10000 with N in {7, 16} only, eagerly, so they share the compiles.
 
 
 def _np_srm_with_mean(rng, mean, n, sharpness):
