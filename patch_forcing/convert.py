@@ -173,7 +173,7 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig) -> dic
 
 
 def _natural(key: str):
-    return [int(s) if s.isdigit() else s for s in key.split(".")]
+    return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in key.split(".")]
 
 
 # ----------------------------------------------------------------------------- torch files
