@@ -9,7 +9,8 @@ Outputs of `features_fn` (all float32):
   pool    (B, 2048)       `pool_3:0`, the FID features.
   spatial (B, 7*17*17)    `mixed_6/conv:0` = Mixed_6d.branch1x1 after BN+ReLU (17x17x192), first 7
                           channels, flattened in (h, w, c) order exactly as ADM's evaluator does
-                          (`spatial[..., :7]` on NHWC, then reshape), so ADM's `mu_s`/`sigma_s` apply.
+                          (`spatial[..., :7]` on NHWC, then reshape), so ADM's `mu_s`/`sigma_s`
+                          apply.
   logits  (B, 1008)       pool @ fc.kernel WITHOUT the bias: ADM's IS takes the graph's
                           `softmax/logits/MatMul` weight only and soft-maxes all 1008 classes
                           (torch-fidelity calls this `logits_unbiased`).
@@ -190,7 +191,8 @@ class InceptionB(nnx.Module):  # Mixed_6a, 35x35 -> 17x17
 class InceptionC(nnx.Module):  # Mixed_6b..6e, 17x17
     def __init__(self, cin, c7, *, rngs, dtype):
         kw = dict(rngs=rngs, dtype=dtype)
-        row, col = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
+        row = dict(kernel_size=(1, 7), padding=(0, 3))
+        col = dict(kernel_size=(7, 1), padding=(3, 0))
         self.branch1x1 = BasicConv2d(cin, 192, 1, **kw)
         self.branch7x7_1 = BasicConv2d(cin, c7, 1, **kw)
         self.branch7x7_2 = BasicConv2d(c7, c7, **row, **kw)
@@ -234,7 +236,8 @@ class InceptionD(nnx.Module):  # Mixed_7a, 17x17 -> 8x8
 class InceptionE(nnx.Module):  # Mixed_7b (avg pool branch), Mixed_7c (max pool branch), 8x8
     def __init__(self, cin, pool: str, *, rngs, dtype):
         kw = dict(rngs=rngs, dtype=dtype)
-        row, col = dict(kernel_size=(1, 3), padding=(0, 1)), dict(kernel_size=(3, 1), padding=(1, 0))
+        row = dict(kernel_size=(1, 3), padding=(0, 1))
+        col = dict(kernel_size=(3, 1), padding=(1, 0))
         self.pool = pool
         self.branch1x1 = BasicConv2d(cin, 320, 1, **kw)
         self.branch3x3_1 = BasicConv2d(cin, 384, 1, **kw)
@@ -257,7 +260,8 @@ class InceptionE(nnx.Module):  # Mixed_7b (avg pool branch), Mixed_7c (max pool 
 
 
 class InceptionV3(nnx.Module):
-    """FID Inception-v3. __call__(images uint8/[0,255] (B, H, W, 3)) -> dict(pool, spatial, logits)."""
+    """FID Inception-v3: __call__(images uint8 or [0, 255] float (B, H, W, 3), preprocess)
+    -> dict(pool, spatial, logits)."""
 
     def __init__(self, *, rngs: nnx.Rngs = None, dtype=jnp.float32):
         rngs = nnx.Rngs(0) if rngs is None else rngs
@@ -373,7 +377,8 @@ def convert_pytorch_fid_weights(state_dict) -> dict:
         v = state_dict[key]
         v = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
         if path[-1] == "kernel":
-            v = v.transpose(2, 3, 1, 0) if v.ndim == 4 else v.T  # OIHW -> HWIO; (out,in) -> (in,out)
+            # conv OIHW -> HWIO; fc (out, in) -> (in, out)
+            v = v.transpose(2, 3, 1, 0) if v.ndim == 4 else v.T
         if v.shape != shapes[path]:
             raise ValueError(f"state_dict[{key!r}] has shape {v.shape} after conversion, "
                              f"expected {shapes[path]}")

@@ -88,8 +88,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method: str = "eigh") -> float:
     problem; exact for rank-deficient covariances. method='sqrtm': ADM/pytorch-fid's
     scipy.linalg.sqrtm with the 1e-6 diagonal offset fallback (for parity checks).
     """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
+    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
         raise ValueError(f"mu/sigma shapes {mu1.shape}, {s1.shape} vs {mu2.shape}, {s2.shape} "
                          f"do not match")
