@@ -21,9 +21,9 @@ def get_config(arg: str = ""):
                                  hidden_size=128, depth=4, num_heads=4)
     c.optim.lr, c.optim.warmup_steps = 1e-3, 200
     c.ema.decay = 0.999
-    c.train.num_steps = 4000
-    c.checkpoint.every_steps = 1000
-    c.log.every_steps, c.log.eval_every_steps, c.log.sample_every_steps = 100, 1000, 2000
+    c.train.num_steps = 2500
+    c.checkpoint.every_steps = 500
+    c.log.every_steps, c.log.eval_every_steps, c.log.sample_every_steps = 100, 500, 1250
     c.sampler.steps = 50
     if arg == "smoke":
         c.model = common.model_block("PF-Tiny/2", image_size=8, in_channels=1, num_classes=10,

@@ -103,3 +103,34 @@ def test_bad_shapes():
         loss.patch_forcing_loss(jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 2, 2, 3)))
     with pytest.raises(ValueError, match="num_segments"):
         loss.segment_times(0)
+
+
+def test_nll_gradient_is_zero_on_the_dit_velocity_columns():
+    """With the real DiT: the NLL's gradient w.r.t. the final linear's velocity columns is zero."""
+    from flax import nnx
+
+    from patch_forcing.models import dit
+
+    cfg = dit.preset("PF-Tiny/2", image_size=8, in_channels=3, num_classes=4, hidden_size=32, depth=1,
+                     num_heads=2)
+    model = dit.DiT(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # Perturb every parameter so no gradient vanishes by the zero initialisation.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    params = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    k = jax.random.split(jax.random.key(6), 3)
+    x = jax.random.normal(k[0], (2, 8, 8, 3))
+    t = jax.random.uniform(k[1], (2, 16))
+    u = jax.random.normal(k[2], (2, 8, 8, 3))
+    y = jnp.array([0, 3])
+
+    def term(p, name):
+        v, s = nnx.merge(graphdef, p, rest)(x, t, y)
+        return loss.patch_forcing_loss(v, s, u)[1][name]
+
+    kernel = lambda g: np.asarray(g["final_layer"]["linear"]["kernel"])  # noqa: E731
+    g_nll, g_flow = (kernel(jax.grad(term)(params, n)) for n in ("nll", "flow_loss"))
+    cols = np.arange(g_nll.shape[1]) % (cfg.in_channels + 1)  # token layout (p, p, C+1)
+    assert np.all(g_nll[:, cols < 3] == 0.0) and np.abs(g_nll[:, cols == 3]).max() > 0
+    assert np.abs(g_flow[:, cols < 3]).max() > 0 and np.all(g_flow[:, cols == 3] == 0.0)
