@@ -64,36 +64,26 @@ class DiTConfig:
             raise ValueError(f"image_size must be an int or (H, W), got {self.image_size!r}")
         object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
         h, w = self.image_size
-        checks = [
+        fields = ("in_channels", "patch_size", "depth", "num_heads")
+        checks = [(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}") for k in fields]
+        checks += [
             (h >= 1 and w >= 1, f"image_size must be positive, got {self.image_size}"),
-            (self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}"),
-            (self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}"),
-            (self.depth >= 1, f"depth must be >= 1, got {self.depth}"),
-            (self.num_heads >= 1, f"num_heads must be >= 1, got {self.num_heads}"),
             (self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}"),
             (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
             (self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {list(DTYPES)}"),
-            (
-                self.attention_impl in ATTENTION_IMPLS,
-                f"attention_impl={self.attention_impl!r} is not one of {list(ATTENTION_IMPLS)}",
-            ),
-            (
-                self.hidden_size >= 4 and self.hidden_size % 4 == 0,
-                f"hidden_size must be a positive multiple of 4 (2-D sin-cos position embedding), "
-                f"got {self.hidden_size}",
-            ),
+            (self.attention_impl in ATTENTION_IMPLS,
+             f"attention_impl={self.attention_impl!r} is not one of {list(ATTENTION_IMPLS)}"),
+            (self.hidden_size >= 4 and self.hidden_size % 4 == 0,
+             f"hidden_size must be a positive multiple of 4 (2-D sin-cos position embedding), "
+             f"got {self.hidden_size}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
-            )
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(
-                f"patch_size={self.patch_size} must divide image_size={self.image_size}"
-            )
+            raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -121,13 +111,9 @@ class DiTConfig:
         return cls(**d)
 
 
-_SIZES = {  # name: (depth, hidden_size, num_heads)
-    "Tiny": (4, 128, 4),
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-}
+# name: (depth, hidden_size, num_heads); Tiny is for CPU runs (digits, MNIST)
+_SIZES = {"Tiny": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
+          "XL": (28, 1152, 16)}
 _PATCHES = {"Tiny": (1, 2, 4), "S": (2, 4, 8), "B": (2, 4, 8), "L": (2, 4, 8), "XL": (2, 4, 8)}
 PRESETS = tuple(
     f"{kind}-{size}/{p}" for kind in ("PF", "DiT") for size in _SIZES for p in _PATCHES[size]
