@@ -325,6 +325,7 @@ def test_bad_inputs():
     ("depth", 0, "depth must be >= 1"),
     ("dtype", "fp8", r"dtype='fp8' is not one of \['float32', 'bfloat16', 'float16'\]"),
     ("attention_impl", "flash", "attention_impl='flash' is not one of"),
+    ("attention_impl", "cudnn", "attention_impl='cudnn' needs dtype 'bfloat16' or 'float16'"),
     ("image_size", (8, 8, 8), "image_size must be an int or"),
     ("num_heads", 0, "num_heads must be >= 1"),
 ])

@@ -73,6 +73,8 @@ class DiTConfig:
             (self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {list(DTYPES)}"),
             (self.attention_impl in ATTENTION_IMPLS,
              f"attention_impl={self.attention_impl!r} is not one of {list(ATTENTION_IMPLS)}"),
+            (self.attention_impl != "cudnn" or self.dtype != "float32",
+             "attention_impl='cudnn' needs dtype 'bfloat16' or 'float16', got dtype='float32'"),
             (self.hidden_size >= 4 and self.hidden_size % 4 == 0,
              f"hidden_size must be a positive multiple of 4 (2-D sin-cos position embedding), "
              f"got {self.hidden_size}"),
