@@ -23,8 +23,14 @@ Classifier-free guidance: one call on the batch doubled as [uncond; cond] (label
 v = v_u + w (v_c - v_u), and the same for s; the guided s picks the certain patches. cfg_scale == 1
 calls the model once, undoubled. With `guidance_interval=(lo, hi)` the model is guided only when
 the mean current time is in [lo, hi] (compared as float64, like the reference's `t.item()`; a
-`lax.cond`, so only one branch runs); outside it the conditional output is used. info['nfe'] counts model calls (a doubled batch counts one),
-info['nfe_doubled'] how many of them ran on the doubled batch.
+`lax.cond`, so only one branch runs); outside it the conditional output is used.
+
+info: 'nfe' (model calls; a doubled batch counts one), 'nfe_doubled' (calls on the doubled batch);
+with return_trajectory also 'times' (B, S+1, N) at step starts, 'difficulty' (B, S, N) pooled
+exp(s) of each step's first call, 'certain' (B, S, N) for the adaptive samplers (all False in
+look_ahead's early steps), and with cfg.num_intermediates = K > 0 'x' (B, K, H, W, C) after
+steps 'x_steps' (0 = noise). dual_loop keeps each patch's time as (B, N) rather than pooling a
+per-pixel time grid as the reference does (the same values up to float32 rounding of that mean).
 
 The certain mask follows the reference literally: exp(s) is pooled per patch, broadcast back to
 pixels, and the per-sample q-quantile of that *pixel* map (linear interpolation, float64) is the
@@ -46,25 +52,9 @@ import numpy as np
 from patch_forcing import flow
 
 __all__ = [
-    "SAMPLERS",
-    "SamplerConfig",
-    "as_sampler_config",
-    "validate_sampler_config",
-    "sampler_name",
-    "expected_nfe",
-    "uniform_grid",
-    "num_early_steps",
-    "quantile_rank",
-    "num_certain",
-    "certain_mask",
-    "euler",
-    "euler_pf",
-    "dual_loop",
-    "look_ahead",
-    "random_order",
-    "schedule",
-    "sample",
-    "make_sample_fn",
+    "SAMPLERS", "SamplerConfig", "as_sampler_config", "validate_sampler_config", "sampler_name",
+    "expected_nfe", "uniform_grid", "num_early_steps", "quantile_rank", "num_certain", "certain_mask",
+    "euler", "euler_pf", "dual_loop", "look_ahead", "random_order", "schedule", "sample", "make_sample_fn",
 ]
 
 SAMPLERS = ("euler", "euler_pf", "dual_loop", "look_ahead", "random_order", "schedule")
@@ -114,8 +104,9 @@ def as_sampler_config(cfg: Any = None, **overrides) -> SamplerConfig:
     if unknown:
         raise ValueError(f"sampler.{unknown[0]} is not a sampler field; allowed: {list(_FIELDS)}")
     gi = d.get("guidance_interval")
-    if gi is not None:
-        d["guidance_interval"] = tuple(float(v) for v in gi)
+    if gi is not None:  # () and the whole [0, 1] mean "always guide": no interval test at all
+        gi = tuple(float(v) for v in gi)
+        d["guidance_interval"] = None if gi in ((), (0.0, 1.0)) else gi
     return SamplerConfig(**d)
 
 
@@ -123,32 +114,28 @@ def validate_sampler_config(cfg: Any, num_patches: int | None = None) -> Sampler
     """Check every field; one-line ValueError naming `sampler.<field>` and the allowed values."""
     cfg = as_sampler_config(cfg)
 
-    def fail(field, msg):
-        raise ValueError(f"sampler.{field}={getattr(cfg, field)!r} {msg}")
+    def is_int(v, lo):
+        return isinstance(v, (int, np.integer)) and v >= lo
 
-    if cfg.name not in SAMPLERS:
-        fail("name", f"is not one of {list(SAMPLERS)}")
-    if not (isinstance(cfg.steps, (int, np.integer)) and cfg.steps >= 1):
-        fail("steps", "must be an integer >= 1")
-    if not 0.0 < cfg.q < 1.0:
-        fail("q", "must be in the open interval (0, 1)")
-    if not (isinstance(cfg.n_inner, (int, np.integer)) and cfg.n_inner >= 1):
-        fail("n_inner", "must be an integer >= 1")
-    if not cfg.ratio >= 1.0:
-        fail("ratio", "must be >= 1")
-    if cfg.pool not in flow.POOL_MODES:
-        fail("pool", f"is not one of {list(flow.POOL_MODES)}")
-    if not (isinstance(cfg.patch_size, (int, np.integer)) and cfg.patch_size >= 1):
-        fail("patch_size", "must be an integer >= 1")
-    if not (isinstance(cfg.num_intermediates, (int, np.integer)) and cfg.num_intermediates >= 0):
-        fail("num_intermediates", "must be an integer >= 0")
-    if not math.isfinite(cfg.cfg_scale):
-        fail("cfg_scale", "must be a finite number")
-    if cfg.cfg_scale != 1.0 and cfg.null_class is None:
-        fail("null_class", f"must be the null class index (num_classes) when cfg_scale={cfg.cfg_scale} != 1")
     gi = cfg.guidance_interval
-    if gi is not None and not (len(gi) == 2 and 0.0 <= gi[0] < gi[1] <= 1.0):
-        fail("guidance_interval", "must be (t_lo, t_hi) with 0 <= t_lo < t_hi <= 1, or None")
+    checks = [
+        ("name", cfg.name in SAMPLERS, f"is not one of {list(SAMPLERS)}"),
+        ("steps", is_int(cfg.steps, 1), "must be an integer >= 1"),
+        ("q", 0.0 < cfg.q < 1.0, "must be in the open interval (0, 1)"),
+        ("n_inner", is_int(cfg.n_inner, 1), "must be an integer >= 1"),
+        ("ratio", cfg.ratio >= 1.0, "must be >= 1"),
+        ("pool", cfg.pool in flow.POOL_MODES, f"is not one of {list(flow.POOL_MODES)}"),
+        ("patch_size", is_int(cfg.patch_size, 1), "must be an integer >= 1"),
+        ("num_intermediates", is_int(cfg.num_intermediates, 0), "must be an integer >= 0"),
+        ("cfg_scale", math.isfinite(cfg.cfg_scale), "must be a finite number"),
+        ("null_class", cfg.cfg_scale == 1.0 or cfg.null_class is not None,
+         f"must be the null class index (num_classes) when cfg_scale={cfg.cfg_scale} != 1"),
+        ("guidance_interval", gi is None or (len(gi) == 2 and 0.0 <= gi[0] < gi[1] <= 1.0),
+         "must be (t_lo, t_hi) with 0 <= t_lo < t_hi <= 1, or None"),
+    ]
+    for field, ok, msg in checks:
+        if not ok:
+            raise ValueError(f"sampler.{field}={getattr(cfg, field)!r} {msg}")
     if cfg.name == "schedule" and cfg.schedule is not None:
         shape = tuple(np.shape(cfg.schedule))
         n = num_patches if num_patches is not None else (shape[1] if len(shape) == 2 else -1)
@@ -229,8 +216,7 @@ def certain_mask(d: jax.Array, q: float, patch_size: int) -> jax.Array:
     (w < 2^-28): then the float64 sum a + w (b - a) may round back to a, which is checked by
     comparing w (b - a) with half an ulp of a in float64 (exact up to ties).
     """
-    b_, n = d.shape
-    lo, hi, w = quantile_rank(q, n, patch_size)
+    lo, hi, w = quantile_rank(q, d.shape[1], patch_size)
     if jax.config.jax_enable_x64:
         srt = jnp.sort(d.astype(jnp.float64), axis=-1)
         a, b = srt[:, lo], srt[:, hi]
@@ -311,7 +297,7 @@ def _snap_steps(steps: int, k: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, steps, k)).astype(np.int32)) if k else np.zeros(0, np.int32)
 
 
-def _run(step_fn, noise, labels, cfg, steps, return_trajectory, final_times, xs=None):
+def _run(step_fn, noise, cfg, steps, return_trajectory, final_times, xs=None):
     """Scan `step_fn(x, k, xs_k) -> (x, nfe, nfe_doubled, ys)` over the steps; assemble info."""
     snaps = _snap_steps(steps, cfg.num_intermediates) if return_trajectory else np.zeros(0, np.int32)
     carry0 = {"x": noise, "nfe": jnp.int32(0), "nfe_doubled": jnp.int32(0)}
@@ -347,44 +333,33 @@ def _shapes(noise, cfg):
 
 
 def _ys(times, d, mask=None):
-    ys = {"times": times}
-    if d is not None:
-        ys["difficulty"] = d
-    if mask is not None:
-        ys["certain"] = mask
-    return ys
+    ys = {"times": times, "difficulty": d, "certain": mask}
+    return {k: v for k, v in ys.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------- samplers
 
 
-def euler(model_fn, noise, labels, key, cfg, return_trajectory=False):
-    """Global-time Euler (model_fn gets t of shape (B,)); x += dt v. NFE = steps."""
-    del key
-    cfg = validate_sampler_config(cfg)
-    b, _, _, n = _shapes(noise, cfg)
-
-    def step(x, k, _):
-        t, dt = _uniform_step(k, cfg.steps)
-        v, _, s, dbl = _model_call(model_fn, x, jnp.full((b,), t), labels, cfg)
-        return x + dt * v, 1, dbl, _ys(jnp.full((b, n), t), _difficulty(s, cfg))
-
-    return _run(step, noise, labels, cfg, cfg.steps, return_trajectory, jnp.ones((b, n), jnp.float32))
-
-
-def euler_pf(model_fn, noise, labels, key, cfg, return_trajectory=False):
-    """Per-patch Euler at a shared time t broadcast to (B, N); difficulty ignored. NFE = steps."""
-    del key
-    cfg = validate_sampler_config(cfg)
+def _euler(model_fn, noise, labels, cfg, return_trajectory, global_t):
     b, _, _, n = _shapes(noise, cfg)
 
     def step(x, k, _):
         t, dt = _uniform_step(k, cfg.steps)
         tb = jnp.full((b, n), t)
-        v, _, s, dbl = _model_call(model_fn, x, tb, labels, cfg)
+        v, _, s, dbl = _model_call(model_fn, x, jnp.full((b,), t) if global_t else tb, labels, cfg)
         return x + dt * v, 1, dbl, _ys(tb, _difficulty(s, cfg))
 
-    return _run(step, noise, labels, cfg, cfg.steps, return_trajectory, jnp.ones((b, n), jnp.float32))
+    return _run(step, noise, cfg, cfg.steps, return_trajectory, jnp.ones((b, n), jnp.float32))
+
+
+def euler(model_fn, noise, labels, key, cfg, return_trajectory=False):
+    """Global-time Euler (model_fn gets t of shape (B,)); x += dt v. NFE = steps."""
+    return _euler(model_fn, noise, labels, validate_sampler_config(cfg), return_trajectory, True)
+
+
+def euler_pf(model_fn, noise, labels, key, cfg, return_trajectory=False):
+    """Per-patch Euler at a shared time t broadcast to (B, N); difficulty ignored. NFE = steps."""
+    return _euler(model_fn, noise, labels, validate_sampler_config(cfg), return_trajectory, False)
 
 
 def _need_s(s, cfg):
@@ -416,7 +391,7 @@ def _two_speed(model_fn, noise, labels, key, cfg, return_trajectory, mask_fn):
         x, tp, dbl = jax.lax.fori_loop(0, cfg.n_inner - 1, inner, (x, tp, dbl))
         return x, cfg.n_inner, dbl, _ys(tb, d, m)
 
-    return _run(step, noise, labels, cfg, cfg.steps, return_trajectory, jnp.ones((b, n), jnp.float32))
+    return _run(step, noise, cfg, cfg.steps, return_trajectory, jnp.ones((b, n), jnp.float32))
 
 
 def dual_loop(model_fn, noise, labels, key, cfg, return_trajectory=False):
@@ -474,7 +449,7 @@ def look_ahead(model_fn, noise, labels, key, cfg, return_trajectory=False):
         x, m, nfe_c, dbl_c = jax.lax.cond(k < n_early, early, context, x)
         return x, 1 + nfe_c, dbl + dbl_c, _ys(tb, d, m)
 
-    return _run(step, noise, labels, cfg, cfg.steps, return_trajectory, jnp.ones((b, n), jnp.float32))
+    return _run(step, noise, cfg, cfg.steps, return_trajectory, jnp.ones((b, n), jnp.float32))
 
 
 def schedule(model_fn, noise, labels, key, cfg, return_trajectory=False, *, schedule=None, x_cond=None):
@@ -511,7 +486,7 @@ def schedule(model_fn, noise, labels, key, cfg, return_trajectory=False, *, sche
         return x + dtp * v, 1, dbl, _ys(tb, _difficulty(s, cfg))
 
     final = jnp.broadcast_to(sched[-1], (b, n))
-    return _run(step, x0, labels, cfg, cfg.steps, return_trajectory, final, xs=(sched[:-1], sched[1:]))
+    return _run(step, x0, cfg, cfg.steps, return_trajectory, final, xs=(sched[:-1], sched[1:]))
 
 
 def _concrete_nonzero(row) -> bool:
@@ -523,13 +498,8 @@ def _concrete_nonzero(row) -> bool:
 
 
 _schedule = schedule
-_BY_NAME = {
-    "euler": euler,
-    "euler_pf": euler_pf,
-    "dual_loop": dual_loop,
-    "look_ahead": look_ahead,
-    "random_order": random_order,
-}
+_BY_NAME = {"euler": euler, "euler_pf": euler_pf, "dual_loop": dual_loop, "look_ahead": look_ahead,
+            "random_order": random_order}
 
 
 def sample(model_fn, noise, labels, key, cfg, return_trajectory=False, *, schedule=None, x_cond=None):

@@ -59,6 +59,15 @@ def toy_apply(params, x, t, y):
     return v, s
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+    """Tiny programs: XLA's optimisation passes cost more than they save here."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 PARAMS = toy_params()
 TOY = jax.jit(lambda x, t, y: toy_apply(PARAMS, x, t, y))
 
@@ -434,6 +443,9 @@ def test_names_and_expected_nfe():
     assert S.sampler_name(dict(name="euler_pf", steps=50)) == "euler_pf-s50-cfg1.0"
     assert S.expected_nfe(dict(name="look_ahead", steps=50)) == 2 * 50 - 3  # t = 0, 0.02, 0.04
     assert S.expected_nfe(dict(name="dual_loop", steps=50, n_inner=4)) == 200
+    assert S.as_sampler_config(guidance_interval=(0.0, 1.0)).guidance_interval is None  # always guide
+    assert S.as_sampler_config(guidance_interval=()).guidance_interval is None
+    assert S.sampler_name(dict(name="euler_pf", cfg_scale=2.0, null_class=5, guidance_interval=(0.1, 0.9))).endswith("-gi0.1-0.9")
     ml_collections = pytest.importorskip("ml_collections")
     cd = ml_collections.ConfigDict(dict(name="random_order", steps=10, n_inner=2))
     assert S.sampler_name(cd) == "random_order-q40-n2-s10-cfg1.0" and S.expected_nfe(cd) == 20
