@@ -7,6 +7,7 @@ config.sample.checkpoint), evaluate.
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 
 from absl import app, flags, logging
@@ -21,9 +22,16 @@ flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"], "What to run
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _quiet_orbax(record) -> bool:
+    """Keep orbax's per-save INFO chatter out of the console (warnings still pass)."""
+    return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
     del argv
     import jax
+
+    logging.get_absl_handler().addFilter(_quiet_orbax)
 
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
         jax.distributed.initialize()  # multi-host: TPU pods, or clusters that set the coordinator

@@ -46,12 +46,18 @@ def _rgb(images: np.ndarray) -> np.ndarray:
     return images[..., :3]
 
 
-def image_grid(images, ncols: int | None = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+def image_grid(images, ncols: int | None = None, pad: int = 2, pad_value: int = 255,
+               min_size: int = 0) -> np.ndarray:
     """(B, H, W, C) -> one (rows*H + (rows+1)*pad, cols*W + (cols+1)*pad, C) image, row-major;
-    ncols defaults to ceil(sqrt(B)); missing cells of the last row are pad_value."""
+    ncols defaults to ceil(sqrt(B)); missing cells of the last row are pad_value. Images smaller
+    than `min_size` pixels are first enlarged by an integer factor (nearest neighbour), so 8x8
+    digits stay visible."""
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"images must have shape (B, H, W, C), got {images.shape}")
+    factor = max(1, -(-min_size // max(images.shape[1:3])))
+    if factor > 1:
+        images = images.repeat(factor, axis=1).repeat(factor, axis=2)
     b, h, w, c = images.shape
     ncols = int(ncols or math.ceil(math.sqrt(b)))
     if ncols < 1:

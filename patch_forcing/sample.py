@@ -99,7 +99,7 @@ def sample_and_save(config, workdir: str) -> epath.Path:
         nfe = int(info["nfe"])
         images.append(pictures.to_uint8(np.asarray(x[:b])))
     images = np.concatenate(images)
-    pictures.save_png(out / "grid.png", pictures.image_grid(images[:64]))
+    pictures.save_png(out / "grid.png", pictures.image_grid(images[:64], min_size=32))
     with (out / "samples.npz").open("wb") as f:
         np.savez(f, arr_0=images, labels=labels)
     logging.info("wrote %d samples (%s, NFE %d per image) to %s", n, name, nfe, out)

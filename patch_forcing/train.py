@@ -184,13 +184,28 @@ def first_non_finite(history: list[tuple[int, Any]]) -> tuple[int, float] | None
     return None
 
 
+def _latent_decoder(config, mcfg):
+    """Pixels for the sample grids: latent models decode with config.sample.vae when it loads
+    (else their first three channels are shown, with a warning); pixel models pass through."""
+    if mcfg.in_channels in (1, 3):
+        return lambda x: x
+    if config.sample.vae:
+        from patch_forcing import sample
+
+        try:
+            return sample.make_decoder(config.sample.vae)
+        except (OSError, ValueError) as e:  # offline hub, missing file
+            logging.warning("sample grids show raw latents: the VAE did not load (%s)", e)
+    return lambda x: x[..., :3]
+
+
 def _write_samples(workdir, step, samples, info, mcfg, sampler_name, num_rows):
     from patch_forcing import pictures, sample
 
     out = epath.Path(workdir) / "samples"
     out.mkdir(parents=True, exist_ok=True)
     images = pictures.to_uint8(np.asarray(samples))
-    pictures.save_png(out / f"step{step:07d}-{sampler_name}.png", pictures.image_grid(images))
+    pictures.save_png(out / f"step{step:07d}-{sampler_name}.png", pictures.image_grid(images, min_size=32))
     pic = sample.trajectory_picture(images, info, mcfg, num_rows)
     if pic is not None:
         pictures.save_png(out / f"step{step:07d}-{sampler_name}-difficulty.png", pic)
@@ -261,8 +276,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         seg = seg_sum / count
         log(step, {"val_loss": float(seg.mean()), **{f"val_loss/t{k}": float(v) for k, v in enumerate(seg)}})
 
+    decode = _latent_decoder(config, mcfg)
+
     def sample_pictures(step):
         samples, info = sample_fn(state["ema"], sample_noise, sample_labels, jax.random.fold_in(eval_key, 2))
+        samples = decode(samples)
         if is_chief:
             _write_samples(workdir, step, samples, jax.device_get(info), mcfg, sname,
                            config.sample.num_difficulty_rows)

@@ -86,3 +86,12 @@ def test_difficulty_picture_decoded_images_and_captions():
         P.difficulty_picture(imgs, d, steps=[20])
     with pytest.raises(ValueError, match="N=15"):
         P.difficulty_picture(imgs, d[..., :15])
+
+
+def test_image_grid_enlarges_small_images():
+    imgs = np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8, 1)
+    g = P.image_grid(imgs, ncols=2, pad=0, min_size=32)
+    assert g.shape == (32, 64, 1)
+    assert np.all(g[:4, :4, 0] == imgs[0, 0, 0, 0]) and np.all(g[:4, 4:8, 0] == imgs[0, 0, 1, 0])  # 4x4 blocks
+    np.testing.assert_array_equal(g[::4, 32::4], imgs[1])
+    assert P.image_grid(imgs, pad=0, min_size=8).shape == (8, 16, 1)
