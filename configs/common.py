@@ -7,7 +7,7 @@ differs. Every field exists here, so anything can be overridden on the command l
 
 import ml_collections
 
-from patch_forcing import timesteps
+from patch_forcing import evaluate, timesteps
 from patch_forcing.models import dit
 
 
@@ -64,4 +64,5 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict(dict(
         num_images=64, batch_size=64, classes=(), checkpoint="", num_difficulty_rows=4, vae="",
     ))
+    c.eval = evaluate.eval_block()  # --mode=evaluate and in-training FID (patch_forcing/evaluate.py)
     return c
