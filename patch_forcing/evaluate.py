@@ -8,8 +8,8 @@ Protocol (SPEC §8): `eval.num_samples` images with uniform random classes, samp
 its noise and its label from fold_in(key(config.seed), i), and each device computes only its
 slice of the global batch, so the sample set does not depend on the number of devices or hosts
 (the sampler's own key, which only random_order uses, is fold_in(key, batch index): it depends
-on `eval.batch_size`). Samples are quantised like ADM's .npz files, uint8 clip(127.5 x + 128),
-before the feature network:
+on `eval.batch_size`). Latent models decode with the SD-VAE of `config.sample.vae`. Samples are quantised like ADM's
+.npz files, uint8 clip(127.5 x + 128), before the feature network:
 
   eval.feature_network  'inception' (the FID Inception; weights from $PF_INCEPTION_WEIGHTS or the
                         cache path, see patch_forcing.inception), 'inception:<weights.pth>',
@@ -18,7 +18,9 @@ before the feature network:
                         absent), Inception otherwise.
   eval.reference        a reference .npz (mu, sigma [, mu_s, sigma_s, pool, or ADM's arr_0 images
                         for precision/recall]) or 'data': statistics of config.data.split_eval
-                        computed with the same network, cached in <workdir>/eval/.
+                        computed with the same network, cached in <workdir>/eval/ (pixel data
+                        only: latent models need a reference of real images, e.g. ADM's
+                        VIRTUAL_imagenet256_labeled.npz).
 
 Writes <workdir>/eval/<sampler name>-<N>.json and prints one line that names the protocol.
 `make_fid_hook` gives train.py the same measurement every `eval.fid_every_steps` steps.
@@ -38,6 +40,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -162,6 +165,9 @@ def reference_stats(config, workdir, fnet: FeatureNetwork) -> tuple[dict, str]:
     out_dir = epath.Path(workdir) / "eval"
     bs = int(config.eval.batch_size)
     if ref == "data":
+        if config.data.name == "latents":
+            raise ValueError("config.eval.reference='data' needs pixel data, not data.name='latents': give a "
+                             "reference .npz of real images (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
         split = str(config.data.split_eval)
         desc = f"data:{config.data.name}:{split}"
         cache = out_dir / f"reference-{_slug(f'{config.data.name}-{split}')}-{_slug(fnet.name)}.npz"
@@ -201,19 +207,36 @@ def reference_stats(config, workdir, fnet: FeatureNetwork) -> tuple[dict, str]:
 
 
 # ----------------------------------------------------------------------------- sampling
-def make_generator(apply_fn, scfg, fnet: FeatureNetwork, image_shape, num_classes: int, seed: int):
-    """jit(gen(params, fparams, idx (B,) global sample indices, batch) -> (images uint8, labels,
-    features dict, nfe)). Noise and label of sample i come from fold_in(key(seed), i)."""
+def load_decoder(config):
+    """(decode(vae_params, z) -> pixels in [-1, 1], vae_params) with the SD-VAE of
+    `config.sample.vae` (a local file/folder or a hub repo id), or (None, None) for pixel models."""
+    spec = str(config.sample.get("vae", "") or "")
+    if not spec:
+        return None, None
+    from patch_forcing import vae as vae_lib
+
+    model = vae_lib.load_vae(local_path=spec) if epath.Path(spec).exists() else vae_lib.load_vae(spec)
+    graphdef, state = nnx.split(model)
+    return (lambda vparams, z: jnp.clip(nnx.merge(graphdef, vparams).decode(z), -1.0, 1.0)), state
+
+
+def make_generator(apply_fn, scfg, fnet: FeatureNetwork, image_shape, num_classes: int, seed: int,
+                   decode=None):
+    """jit(gen(params, aux, idx (B,) global sample indices, batch) -> (images uint8, labels,
+    features dict, nfe)), aux = {'features': feature params, 'vae': decoder params or None}.
+    Noise and label of sample i come from fold_in(key(seed), i)."""
     base = jax.random.key(seed)
     k_noise, k_label, k_sampler = (jax.random.fold_in(base, i) for i in (1, 2, 3))
 
-    def gen(params, fparams, idx, batch):
+    def gen(params, aux, idx, batch):
         noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k_noise, i), tuple(image_shape)))(idx)
         labels = jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(k_label, i), (), 0, num_classes))(idx)
         model_fn = lambda x, t, y: apply_fn(params, x, t, y)  # noqa: E731
         x, info = samplers.sample(model_fn, noise, labels, jax.random.fold_in(k_sampler, batch), scfg)
+        if decode is not None:
+            x = decode(aux["vae"], x)
         images = to_uint8(x)
-        return images, labels, fnet.apply(fparams, images), info["nfe"]
+        return images, labels, fnet.apply(aux["features"], images), info["nfe"]
 
     return jax.jit(gen)
 
@@ -235,13 +258,13 @@ def global_batch_size(requested: int, num: int, num_devices: int) -> int:
     return min(requested, math.ceil(num / num_devices) * num_devices)
 
 
-def sample_features(gen, params, fnet: FeatureNetwork, num: int, batch_size: int, mesh: Mesh, *,
+def sample_features(gen, params, aux: dict, num: int, batch_size: int, mesh: Mesh, *,
                     keep_images: bool = False, desc: str | None = None) -> dict:
     """Draw samples 0..num-1 over `mesh` (batch over all its axes): dict(pool (N, D), logits
     (N, K), spatial (Moments), nfe, and images/labels with keep_images)."""
     bs = global_batch_size(batch_size, num, mesh.size)
     sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    fparams = jax.device_put(fnet.params, NamedSharding(mesh, P()))
+    aux = jax.device_put(aux, NamedSharding(mesh, P()))  # no copy when already replicated there
     out: dict = {"pool": [], "logits": [], "images": [], "labels": [], "spatial": metrics.moments_init()}
 
     def collect(res, keep):
@@ -260,7 +283,7 @@ def sample_features(gen, params, fnet: FeatureNetwork, num: int, batch_size: int
     for b in tqdm(range(num_batches), desc=desc, unit="batch", disable=desc is None or not _chief()):
         idx = jax.make_array_from_callback(
             (bs,), sharding, lambda s, b=b: np.arange(b * bs, (b + 1) * bs, dtype=np.int32)[s])
-        res = gen(params, fparams, idx, b)  # dispatched; the previous batch is fetched meanwhile
+        res = gen(params, aux, idx, b)  # dispatched; the previous batch is fetched meanwhile
         if pending is not None:
             collect(*pending)
         pending = (res, min(bs, num - b * bs))
@@ -324,10 +347,11 @@ def evaluate(config, workdir: str, *, devices=None) -> dict:
     mesh = Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
     params = jax.device_put(params, NamedSharding(mesh, P()))
     n = int(e.num_samples)
+    decode, vparams = load_decoder(config)
     gen = make_generator(apply_fn, scfg, fnet, (*mcfg.image_size, mcfg.in_channels), mcfg.num_classes,
-                         int(config.seed))
-    feats = sample_features(gen, params, fnet, n, int(e.batch_size), mesh, keep_images=bool(e.save_samples),
-                            desc=f"evaluate {name}")
+                         int(config.seed), decode)
+    feats = sample_features(gen, params, {"features": fnet.params, "vae": vparams}, n, int(e.batch_size), mesh,
+                            keep_images=bool(e.save_samples), desc=f"evaluate {name}")
     t_sample = time.time()
     result = {k: v for k, v in score(feats, ref, fnet.name).items() if k in METRICS}
     out_dir = workdir / "eval"
@@ -340,6 +364,7 @@ def evaluate(config, workdir: str, *, devices=None) -> dict:
             batch_size=global_batch_size(int(e.batch_size), n, mesh.size), feature_network=fnet.name,
             reference=ref_desc, reference_count=int(ref.get("count", -1)),
             reference_pool=int(len(ref["pool"])) if "pool" in ref else 0,
+            decoder=str(config.sample.get("vae", "") or "") or None,
             checkpoint=str(ckpt), checkpoint_step=ckpt_meta.get("step"), model=ckpt_meta.get("model"),
             quantization="uint8 clip(127.5 x + 128)", is_split=IS_SPLIT, devices=mesh.size,
             processes=jax.process_count()),
@@ -377,16 +402,20 @@ def make_fid_hook(config, workdir, apply_fn, mesh: Mesh | None = None):
     fnet = feature_network(config, workdir)
     ref, _ = reference_stats(config, workdir, fnet)
     n, tag = int(e.fid_num_samples), _count_tag(int(e.fid_num_samples))
+    decode, vparams = load_decoder(config)
     gen = make_generator(apply_fn, scfg, fnet, (*mcfg.image_size, mcfg.in_channels), mcfg.num_classes,
-                         int(config.seed))
+                         int(config.seed), decode)
+    aux = {"features": fnet.params, "vae": vparams}
 
     def hook(step, ema_params):
+        nonlocal aux
         m = mesh
         if m is None:
             sh = jax.tree.leaves(ema_params)[0].sharding
             m = sh.mesh if isinstance(sh, NamedSharding) else Mesh(np.asarray(jax.devices()), ("data",))
         t = time.time()
-        r = score(sample_features(gen, ema_params, fnet, n, int(e.batch_size), m), ref, fnet.name)
+        aux = jax.device_put(aux, NamedSharding(m, P()))  # placed once, reused by later calls
+        r = score(sample_features(gen, ema_params, aux, n, int(e.batch_size), m), ref, fnet.name)
         logging.info("step %d: FID-%s %.3f (%.1f s)", step, tag, r["fid"], time.time() - t)
         return {f"{k}_{tag}": float(r[k]) for k in METRICS if k in r}
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import digits
+from configs import common, digits
 from patch_forcing import checkpoint as ckpt_lib
 from patch_forcing import classifier, config_lib, evaluate, metrics, samplers
 from patch_forcing import sample as sample_lib
@@ -143,3 +143,37 @@ def test_bad_config_names_the_field(workdir, monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.eval.reference="):
         fnet = evaluate.feature_network(_config(), str(workdir))
         evaluate.reference_stats(_config(reference=str(tmp_path / "nope.npz")), str(workdir), fnet)
+
+
+@pytest.mark.slow
+def test_latent_model_decodes_with_the_vae_before_features(tmp_path):
+    """A 4x4x4 latent DiT + tiny VAE (x2) -> 8x8x3 pixels -> a 3-channel classifier's features."""
+    from patch_forcing import vae as vae_lib
+
+    c = _config(num_samples=16, save_samples=True)
+    c.model = common.model_block("PF-Tiny/2", image_size=4, in_channels=4, num_classes=10, hidden_size=32,
+                                 depth=1, num_heads=2)
+    vae_lib.save_vae(vae_lib.AutoencoderKL(vae_lib.tiny_config(), rngs=nnx.Rngs(0)), str(tmp_path / "vae"))
+    c.sample.vae = str(tmp_path / "vae")
+    mcfg = config_lib.model_config(c)
+    params = nnx.to_pure_dict(nnx.state(dit.DiT(mcfg, rngs=nnx.Rngs(1)), nnx.Param))
+    ckpt_lib.save_inference(tmp_path / "inference", mcfg.to_dict(), params)
+    ccfg = classifier.ClassifierConfig(image_size=(8, 8), channels=3, widths=(8, 16), feature_dim=16)
+    cparams = nnx.to_pure_dict(nnx.state(classifier.Classifier(ccfg, rngs=nnx.Rngs(0)), nnx.Param))
+    classifier.save(str(tmp_path / "cls"), {"format": classifier.FORMAT, "config": ccfg.to_dict(), "data": "rgb"},
+                    cparams)
+    c.eval.feature_network = f"classifier:{tmp_path / 'cls'}"
+    fnet = evaluate.feature_network(c, str(tmp_path))
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    metrics.save_reference_stats(tmp_path / "ref.npz", metrics.reference_stats_from_images(
+        [rgb], fnet.host_fn(), keep_pool=64, network=fnet.name))
+    c.eval.reference = str(tmp_path / "ref.npz")
+    r = evaluate.evaluate(c, str(tmp_path))
+    name = samplers.sampler_name(config_lib.sampler_config(c))
+    images = metrics.load_samples_npz(tmp_path / "eval" / f"{name}-16.npz")
+    assert images.shape == (16, 8, 8, 3) and images.std() > 0
+    assert np.isfinite(r["fid"]) and r["protocol"]["decoder"] == str(tmp_path / "vae")
+    c.eval.reference = "data"
+    c.data.name = "latents"
+    with pytest.raises(ValueError, match="config.eval.reference='data' needs pixel data"):
+        evaluate.reference_stats(c, str(tmp_path), fnet)
