@@ -13,7 +13,8 @@ for a seed (one device, fixed data order and augmentation keys).
 
 Network: per stage a 3x3 conv + ReLU, 2x2 max-pool between stages, global mean pool,
 Dense(feature_dim) + ReLU = `pool` features, Dense(num_classes) = `logits`. `spatial` is the
-last conv map's first SPATIAL_CHANNELS channels flattened (h, w, c), an sFID analogue.
+last conv map's first SPATIAL_CHANNELS channels flattened (h, w, c), an sFID analogue
+(as ADM's sFID takes 7 channels of Inception's mixed_6/conv).
 `feature_network(name_or_path)` -> (name, features_fn(images) -> dict(pool, spatial, logits)).
 """
 
@@ -33,7 +34,7 @@ from flax import nnx
 
 FORMAT = "patch_forcing.classifier/1"
 PARAMS_FILE, META_FILE = "params.npz", "classifier.json"
-SPATIAL_CHANNELS = 16
+SPATIAL_CHANNELS = 8  # spatial features: 128-d on 8x8 digits, 512-d on 32x32 MNIST
 DEFAULT_STEPS = 400
 
 

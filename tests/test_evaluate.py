@@ -177,3 +177,27 @@ def test_latent_model_decodes_with_the_vae_before_features(tmp_path):
     c.data.name = "latents"
     with pytest.raises(ValueError, match="config.eval.reference='data' needs pixel data"):
         evaluate.reference_stats(c, str(tmp_path), fnet)
+
+
+@pytest.mark.slow
+def test_main_evaluate_after_training_trains_the_auto_classifier(tmp_path):
+    """train.train_and_evaluate (smoke) -> python -m patch_forcing.main --mode=evaluate, 'auto'."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    from patch_forcing import train
+
+    train.train_and_evaluate(digits.get_config("smoke"), str(tmp_path))
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "patch_forcing.main", "--config=configs/digits.py:smoke", f"--workdir={tmp_path}",
+         "--mode=evaluate", "--config.eval.num_samples=64", "--config.eval.batch_size=32"],
+        cwd=repo, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta, _ = classifier.load(str(tmp_path / "classifier"))
+    assert meta["test_accuracy"] > 0.9 and meta["steps"] == classifier.DEFAULT_STEPS
+    record = json.loads((tmp_path / "eval" / "euler_pf-s4-cfg1.0-64.json").read_text())
+    assert record["protocol"]["checkpoint_step"] == 8 and np.isfinite(record["fid"])
+    assert f"FID {record['fid']:.3f}" in proc.stdout and "N=64" in proc.stdout
