@@ -94,9 +94,11 @@ def validate(config, mode: str = "train") -> None:
     _require(config.checkpoint.every_steps >= 1,
              f"config.checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}")
     _require(config.checkpoint.keep >= 1, f"config.checkpoint.keep must be >= 1, got {config.checkpoint.keep}")
-    from patch_forcing import data  # heavy-ish import, only when validating
+    from patch_forcing import data, evaluate  # heavy-ish imports, only when validating
 
     data.check_config(d)
+    if "eval" in config:
+        evaluate.check_eval_config(config.eval)
     sampler_config(config, mcfg)
 
 

@@ -277,6 +277,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         log(step, {"val_loss": float(seg.mean()), **{f"val_loss/t{k}": float(v) for k, v in enumerate(seg)}})
 
     decode = _latent_decoder(config, mcfg)
+    fid_every = int(config.eval.fid_every_steps)
+    fid_hook = None
+    if fid_every > 0:  # FID-1k (digits) / FID-10k (ImageNet) on the EMA params, next to val loss
+        from patch_forcing import evaluate as evaluate_lib
+
+        fid_hook = evaluate_lib.make_fid_hook(config, str(workdir), make_apply(graphdef, rest), mesh)
 
     def sample_pictures(step):
         samples, info = sample_fn(state["ema"], sample_noise, sample_labels, jax.random.fold_in(eval_key, 2))
@@ -328,6 +334,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 evaluate(step)
             if step % config.log.sample_every_steps == 0 or final:
                 sample_pictures(step)
+            if fid_hook is not None and (step % fid_every == 0 or final):
+                log(step, fid_hook(step, state["ema"]))
 
     manager.wait_until_finished()
     if is_chief:

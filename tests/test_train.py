@@ -179,3 +179,27 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatc
     with pytest.raises(FloatingPointError, match=r"at step 6.*last good checkpoint is step 4"):
         train.train_and_evaluate(c, str(tmp_path))
     assert (tmp_path / "checkpoints" / "4").is_dir() and not (tmp_path / "checkpoints" / "8").exists()
+
+
+@pytest.mark.slow
+def test_in_training_fid_is_logged_next_to_val_loss(tmp_path, monkeypatch):
+    from patch_forcing import evaluate
+
+    calls = []
+
+    def fake_hook(config, workdir, apply_fn, mesh=None):
+        def hook(step, ema):
+            calls.append(step)
+            v, s = apply_fn(ema, jax.numpy.zeros((2, 8, 8, 1)), jax.numpy.zeros((2, 16)), jax.numpy.zeros((2,), int))
+            assert v.shape == (2, 8, 8, 1)  # the hook gets a working apply_fn and the EMA params
+            return {"fid_1k": 1.5}
+        return hook
+
+    monkeypatch.setattr(evaluate, "make_fid_hook", fake_hook)
+    c = _smoke()
+    c.eval.fid_every_steps = 4
+    train.train_and_evaluate(c, str(tmp_path))
+    assert calls == [4, 8]
+    fids = [m for m in _metrics(tmp_path) if "fid_1k" in m]
+    assert [m["step"] for m in fids] == [4, 8]
+    assert any("val_loss" in m and m["step"] == 8 for m in _metrics(tmp_path))
