@@ -101,6 +101,8 @@ def main():
     sec = rec["seconds"]
     sampling = sec["sampling_and_features"]
     load_after = os.getloadavg()
+    fid = f"FID-{evaluate._count_tag(args.num_samples)}"
+    est_50 = sec["setup_and_reference"] + sec["metrics"] + sampling * 50 / nfe  # sampling is linear in NFE
 
     rows = [
         {"stage": "train MNIST classifier", "detail": f"{meta['steps']} steps, batch {meta['batch_size']}, "
@@ -108,17 +110,17 @@ def main():
          "rate": f"{meta['steps'] / train_s:.1f} steps/s"},
         {"stage": "classifier features", "detail": f"uint8 32x32x1, batch {args.batch}, median of 5",
          "seconds": round(args.batch / rate, 3), "rate": f"{rate:,.0f} images/s"},
-        {"stage": "FID-10k: setup + reference", "detail": f"load checkpoint, reference stats of "
+        {"stage": f"{fid}: setup + reference", "detail": f"load checkpoint, reference stats of "
          f"{rec['protocol']['reference']} ({rec['protocol']['reference_count']} images)",
          "seconds": sec["setup_and_reference"], "rate": ""},
-        {"stage": "FID-10k: sampling + features", "detail": f"{args.num_samples:,} samples, {rec['protocol']['sampler']} "
-         f"(NFE {rec['protocol']['nfe']}), batch {args.batch}, DiT {n_params / 1e6:.2f}M params",
-         "seconds": sampling, "rate": f"{args.num_samples / sampling:.1f} images/s = "
-         f"{args.num_samples * nfe / sampling:.0f} image-NFE/s"},
-        {"stage": "FID-10k: metrics", "detail": "FID, sFID, IS, precision/recall (k=3) vs 2,000 references",
+        {"stage": f"{fid}: sampling + features", "detail": f"{args.num_samples:,} samples, "
+         f"{rec['protocol']['sampler']} (NFE {rec['protocol']['nfe']}), batch {args.batch}, "
+         f"DiT {n_params / 1e6:.2f}M params", "seconds": sampling,
+         "rate": f"{args.num_samples / sampling:.1f} images/s = {args.num_samples * nfe / sampling:.0f} image-NFE/s"},
+        {"stage": f"{fid}: metrics", "detail": "FID, sFID, IS, precision/recall (k=3) vs 2,000 references",
          "seconds": sec["metrics"], "rate": ""},
-        {"stage": "FID-10k: total evaluate()", "detail": f"FID {rec['fid']:.2f} (random weights)",
-         "seconds": round(eval_s, 1), "rate": f"50-step estimate: {sec['setup_and_reference'] + sec['metrics'] + sampling * 50 / nfe:,.0f} s"},
+        {"stage": f"{fid}: total evaluate()", "detail": f"FID {rec['fid']:.2f} (random weights)",
+         "seconds": round(eval_s, 1), "rate": f"50-step estimate: {est_50:,.0f} s"},
     ]
     m = machine()
     head = (f"# FID benchmark ({jax.devices()[0].platform})\n\nMachine: {m}. Load average before/after: "

@@ -159,6 +159,19 @@ def _data_batches(config, split: str, batch_size: int):
         yield np.asarray(to_uint8(jnp.asarray(b["image"])))
 
 
+def _cache_fits(cache, fnet: FeatureNetwork, image_shape) -> bool:
+    """Whether a cached reference exists with the feature sizes the network now gives."""
+    if not cache.exists():
+        return False
+    dims = jax.eval_shape(fnet.apply, fnet.params, jax.ShapeDtypeStruct((2, *image_shape), jnp.uint8))
+    with cache.open("rb") as f, np.load(f) as z:
+        fits = z["mu"].shape == dims["pool"].shape[1:] and (
+            "mu_s" not in z.files or z["mu_s"].shape == dims["spatial"].shape[1:])
+    if not fits:
+        logging.warning("%s has other feature sizes than %s gives now: recomputing it", cache, fnet.name)
+    return fits
+
+
 def reference_stats(config, workdir, fnet: FeatureNetwork) -> tuple[dict, str]:
     """(stats with mu, sigma [, mu_s, sigma_s, pool, count], description) of `config.eval.reference`."""
     ref = str(config.eval.reference)
@@ -171,7 +184,8 @@ def reference_stats(config, workdir, fnet: FeatureNetwork) -> tuple[dict, str]:
         split = str(config.data.split_eval)
         desc = f"data:{config.data.name}:{split}"
         cache = out_dir / f"reference-{_slug(f'{config.data.name}-{split}')}-{_slug(fnet.name)}.npz"
-        if not cache.exists():
+        shape = (*tuple(config.data.image_size), int(config.data.channels))
+        if not _cache_fits(cache, fnet, shape):
             if _chief():
                 out_dir.mkdir(parents=True, exist_ok=True)
                 stats = metrics.reference_stats_from_images(

@@ -201,3 +201,14 @@ def test_main_evaluate_after_training_trains_the_auto_classifier(tmp_path):
     record = json.loads((tmp_path / "eval" / "euler_pf-s4-cfg1.0-64.json").read_text())
     assert record["protocol"]["checkpoint_step"] == 8 and np.isfinite(record["fid"])
     assert f"FID {record['fid']:.3f}" in proc.stdout and "N=64" in proc.stdout
+
+
+def test_stale_reference_cache_is_recomputed(workdir):
+    c = _config()
+    fnet = evaluate.feature_network(c, str(workdir))
+    ref, _ = evaluate.reference_stats(c, str(workdir), fnet)
+    (cache,) = (workdir / "eval").glob("reference-digits-test-*.npz")
+    metrics.save_reference_stats(cache, {"mu": np.zeros(3), "sigma": np.eye(3)})  # e.g. older feature code
+    again, _ = evaluate.reference_stats(c, str(workdir), fnet)
+    for k in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
+        np.testing.assert_allclose(again[k], ref[k], rtol=1e-6, atol=1e-9)
