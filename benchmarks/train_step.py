@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -81,6 +82,16 @@ def bench_row(row: str, batch: int | None, dtype: str | None, repeats: int, warm
     }
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="digits,mnist,imagenet:B")
@@ -97,8 +108,8 @@ def main():
         rows.append(bench_row(row, batch, args.dtype, args.repeats, args.warmup))
         print(rows[-1], flush=True)
     dev = jax.devices()[0]
-    machine = (f"{dev.platform} {getattr(dev, 'device_kind', '')} x{jax.device_count()}, "
-               f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
+    machine = (f"{dev.platform} {getattr(dev, 'device_kind', '')} x{jax.device_count()}, {cpu_name()}, "
+               f"{os.cpu_count()} CPUs, jax {jax.__version__}")
     cols = list(rows[0])
     md = [f"# Train-step benchmark\n\nMachine: {machine}. Medians of {args.repeats} steps after "
           f"{args.warmup} warm-up steps.\n", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
