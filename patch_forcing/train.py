@@ -82,7 +82,7 @@ def init_state(config, mesh):
     mcfg = config_lib.model_config(config)
     tx, _ = make_optimizer(config.optim)
     key = jax.random.key(config.seed)
-    graphdef, abstract_params, abstract_rest = nnx.eval_shape(lambda: split_model(mcfg, key))
+    graphdef, abstract_params, _ = nnx.eval_shape(lambda: split_model(mcfg, key))
     shard = param_shardings(abstract_params, mesh, fsdp=mesh.shape["fsdp"] > 1)
     replicated = NamedSharding(mesh, P())
 
