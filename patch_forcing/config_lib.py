@@ -108,12 +108,8 @@ def sampler_config(config, mcfg: dit.DiTConfig | None = None):
     from patch_forcing import samplers
 
     mcfg = mcfg or model_config(config)
-    s = config.sampler
-    scfg = samplers.validate_sampler_config(samplers.SamplerConfig(
-        name=s.name, steps=s.steps, cfg_scale=s.cfg_scale, q=s.q, n_inner=s.n_inner, ratio=s.ratio,
-        pool=s.pool, guidance_interval=tuple(s.guidance_interval), null_class=mcfg.num_classes,
-        patch_size=mcfg.patch_size,
-    ))
+    scfg = samplers.validate_sampler_config(samplers.as_sampler_config(
+        config.sampler, null_class=mcfg.num_classes, patch_size=mcfg.patch_size))
     if (scfg.name == "euler") == mcfg.per_patch:
         fit = "a per-patch sampler (euler_pf, dual_loop, look_ahead, ...)" if mcfg.per_patch else "'euler'"
         kind = "per-patch" if mcfg.per_patch else "global-time"

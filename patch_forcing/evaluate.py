@@ -40,7 +40,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -229,9 +228,7 @@ def load_decoder(config):
         return None, None
     from patch_forcing import vae as vae_lib
 
-    model = vae_lib.load_vae(local_path=spec) if epath.Path(spec).exists() else vae_lib.load_vae(spec)
-    graphdef, state = nnx.split(model)
-    return (lambda vparams, z: jnp.clip(nnx.merge(graphdef, vparams).decode(z), -1.0, 1.0)), state
+    return vae_lib.load_decoder(spec)
 
 
 def make_generator(apply_fn, scfg, fnet: FeatureNetwork, image_shape, num_classes: int, seed: int,

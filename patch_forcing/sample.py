@@ -57,13 +57,11 @@ def trajectory_picture(images, info: dict, mcfg: dit.DiTConfig, rows: int):
 
 
 def make_decoder(vae_spec: str):
-    """Latents -> pixels in [-1, 1] with the SD-VAE: a local file/folder, or a hub repo id."""
+    """Jitted latents -> pixels in [-1, 1] with the SD-VAE `vae_spec` (local file/folder or hub id)."""
     from patch_forcing import vae as vae_lib
 
-    local = epath.Path(vae_spec).exists()
-    model = vae_lib.load_vae(local_path=vae_spec) if local else vae_lib.load_vae(vae_spec)
-    graphdef, state = nnx.split(model)
-    return jax.jit(lambda z: jnp.clip(nnx.merge(graphdef, state).decode(z), -1.0, 1.0))
+    decode, vae_params = vae_lib.load_decoder(vae_spec)
+    return jax.jit(lambda z: decode(vae_params, z))
 
 
 def sample_and_save(config, workdir: str) -> epath.Path:

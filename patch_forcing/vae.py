@@ -372,3 +372,12 @@ def load_vae(path_or_repo: str = DEFAULT_REPO, local_path: str | None = None, co
     model = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0), dtype=dtype))
     # eval_shape leaves ShapeDtypeStructs; converting fills every Param (all are covered).
     return convert_state_dict(load_file(path), model)
+
+
+def load_decoder(spec: str, dtype=None):
+    """(decode(params, z) -> pixels clipped to [-1, 1], params) for the VAE `spec`: a local
+    safetensors file/folder, or a hub repo id (fetched only now, never at import)."""
+    local = os.path.exists(spec)
+    model = load_vae(local_path=spec, dtype=dtype) if local else load_vae(spec, dtype=dtype)
+    graphdef, params = nnx.split(model)
+    return (lambda p, z: jnp.clip(nnx.merge(graphdef, p).decode(z), -1.0, 1.0)), params

@@ -20,3 +20,15 @@ def mnist_dir():
     if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip(f"MNIST IDX files not found at {MNIST_DIR}")
     return MNIST_DIR
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """Tiny models: XLA's optimisation passes cost more than they save. Use with
+    `pytestmark = pytest.mark.usefixtures("fast_compiles")`; restored after the module."""
+    import jax
+
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)

@@ -22,12 +22,7 @@ PFT_B = {  # configs/model/pft-b.yaml of the reference
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def numpy_state(module):

@@ -15,13 +15,7 @@ from patch_forcing import flow
 from patch_forcing.models import dit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    """Tiny models: XLA's optimisation passes cost more than they save; restored afterwards."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def tiny(per_patch=True, **kw):

@@ -59,13 +59,7 @@ def toy_apply(params, x, t, y):
     return v, s
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    """Tiny programs: XLA's optimisation passes cost more than they save here."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 PARAMS = toy_params()
