@@ -30,18 +30,14 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from configs import mnist  # noqa: E402
 from patch_forcing import checkpoint as ckpt_lib  # noqa: E402
 from patch_forcing import classifier, config_lib, evaluate, samplers  # noqa: E402
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_name()
     dev = jax.devices()[0]
     return (f"{platform.platform()}, {cpu}, {os.cpu_count()} CPUs, {dev.platform} x{jax.device_count()}, "
             f"jax {jax.__version__}")

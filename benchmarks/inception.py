@@ -27,6 +27,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from patch_forcing import inception, metrics  # noqa: E402
 
 
@@ -37,16 +38,6 @@ def _median_time(fn, repeats):
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def _cpu_name():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main():
@@ -89,7 +80,7 @@ def main():
 
     platform_name = jax.devices()[0].platform
     info = {
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {platform.system()}",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()}",
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "device": str(jax.devices()[0].device_kind), "platform": platform_name,
         "jax": jax.__version__, "weights": weights, "preprocess": args.preprocess,

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from configs import digits, imagenet, mnist  # noqa: E402
+from benchmarks.machine import cpu_name  # noqa: E402
 from patch_forcing import config_lib, train  # noqa: E402
 
 CONFIGS = {"digits": digits.get_config, "mnist": mnist.get_config, "imagenet": imagenet.get_config}
@@ -60,8 +60,8 @@ def bench_row(row: str, batch: int | None, dtype: str | None, repeats: int, warm
             "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")) - (
             getattr(mem, "alias_size_in_bytes", 0) or 0)
     for _ in range(warmup):
-        state, m = compiled(state, gbatch)
-    jax.block_until_ready(m)
+        state, _ = compiled(state, gbatch)
+    jax.block_until_ready(state)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -80,16 +80,6 @@ def bench_row(row: str, batch: int | None, dtype: str | None, repeats: int, warm
         "peak_device_MiB": round(stats["peak_bytes_in_use"] / 2**20, 1) if "peak_bytes_in_use" in stats else None,
         "repeats": repeats,
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main():
