@@ -4,7 +4,7 @@
   python benchmarks/fid.py --steps=50           # the real protocol (NFE 50; minutes per 1k on CPU)
 
 Rows: training the MNIST feature classifier (400 steps, test accuracy), its feature throughput
-(uint8 32x32 images/s), and one `evaluate.evaluate` call: reference statistics of the held-out
+(uint8 32x32 images/s), and one `fid.evaluate` call: reference statistics of the held-out
 2,000 digits, then N samples (uniform classes) from the MNIST config's DiT (PF-Tiny, 192 wide,
 6 deep, p=4; random weights: the time does not depend on them) with `--sampler`/`--steps`,
 features, FID/sFID/IS/precision/recall. Sampling time scales with NFE: the per-(image x NFE)
@@ -26,6 +26,7 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -33,7 +34,10 @@ sys.path.insert(0, str(REPO))
 from benchmarks.machine import cpu_name  # noqa: E402
 from configs import mnist  # noqa: E402
 from patch_forcing import checkpoint as ckpt_lib  # noqa: E402
-from patch_forcing import classifier, config_lib, evaluate, samplers  # noqa: E402
+from patch_forcing import config_lib  # noqa: E402
+from patch_forcing.evaluation import features, fid  # noqa: E402
+from patch_forcing.flow import samplers  # noqa: E402
+from patch_forcing.models import dit  # noqa: E402
 
 
 def machine() -> str:
@@ -78,26 +82,24 @@ def main():
 
     # 1. The feature classifier ('auto' would train it inside evaluate; timed separately here).
     t0 = time.perf_counter()
-    meta = classifier.train_classifier(c.data, str(wd / "classifier"), seed=c.seed, verbose=False)
+    meta = features.train_classifier(c.data, str(wd / "classifier"), seed=c.seed, verbose=False)
     train_s = time.perf_counter() - t0
-    _, fn = classifier.feature_network(str(wd / "classifier"))
+    fn = features.load_classifier(str(wd / "classifier")).host_fn()
     rate = features_rate(fn, args.batch)
 
     # 2. A random-weight MNIST DiT as the inference checkpoint, then one full evaluation.
-    from flax import nnx
 
-    from patch_forcing.models import dit
 
     params = nnx.to_pure_dict(nnx.state(dit.DiT(mcfg, rngs=nnx.Rngs(0)), nnx.Param))
     n_params = sum(np.size(x) for x in jax.tree.leaves(params))
     ckpt_lib.save_inference(wd / "inference", mcfg.to_dict(), params, extra={"step": 0})
     t0 = time.perf_counter()
-    rec = evaluate.evaluate(c, str(wd))
+    rec = fid.evaluate(c, str(wd))
     eval_s = time.perf_counter() - t0
     sec = rec["seconds"]
     sampling = sec["sampling_and_features"]
     load_after = os.getloadavg()
-    fid = f"FID-{evaluate._count_tag(args.num_samples)}"
+    tag = f"FID-{fid._count_tag(args.num_samples)}"
     est_50 = sec["setup_and_reference"] + sec["metrics"] + sampling * 50 / nfe  # sampling is linear in NFE
 
     rows = [
@@ -106,16 +108,16 @@ def main():
          "rate": f"{meta['steps'] / train_s:.1f} steps/s"},
         {"stage": "classifier features", "detail": f"uint8 32x32x1, batch {args.batch}, median of 5",
          "seconds": round(args.batch / rate, 3), "rate": f"{rate:,.0f} images/s"},
-        {"stage": f"{fid}: setup + reference", "detail": f"load checkpoint, reference stats of "
+        {"stage": f"{tag}: setup + reference", "detail": f"load checkpoint, reference stats of "
          f"{rec['protocol']['reference']} ({rec['protocol']['reference_count']} images)",
          "seconds": sec["setup_and_reference"], "rate": ""},
-        {"stage": f"{fid}: sampling + features", "detail": f"{args.num_samples:,} samples, "
+        {"stage": f"{tag}: sampling + features", "detail": f"{args.num_samples:,} samples, "
          f"{rec['protocol']['sampler']} (NFE {rec['protocol']['nfe']}), batch {args.batch}, "
          f"DiT {n_params / 1e6:.2f}M params", "seconds": sampling,
          "rate": f"{args.num_samples / sampling:.1f} images/s = {args.num_samples * nfe / sampling:.0f} image-NFE/s"},
-        {"stage": f"{fid}: metrics", "detail": "FID, sFID, IS, precision/recall (k=3) vs 2,000 references",
+        {"stage": f"{tag}: metrics", "detail": "FID, sFID, IS, precision/recall (k=3) vs 2,000 references",
          "seconds": sec["metrics"], "rate": ""},
-        {"stage": f"{fid}: total evaluate()", "detail": f"FID {rec['fid']:.2f} (random weights)",
+        {"stage": f"{tag}: total evaluate()", "detail": f"FID {rec['fid']:.2f} (random weights)",
          "seconds": round(eval_s, 1), "rate": f"50-step estimate: {est_50:,.0f} s"},
     ]
     m = machine()

@@ -28,7 +28,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu_name  # noqa: E402
-from patch_forcing import inception, metrics  # noqa: E402
+from patch_forcing.evaluation import metrics  # noqa: E402
+from patch_forcing.models import inception  # noqa: E402
 
 
 def _median_time(fn, repeats):

@@ -28,11 +28,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from patch_forcing import samplers  # noqa: E402
+from patch_forcing.flow import samplers  # noqa: E402
 from patch_forcing.models import dit  # noqa: E402
 
 NAMES = ("euler_pf", "dual_loop", "look_ahead", "random_order")
@@ -49,13 +48,12 @@ def steps_for_nfe(name: str, nfe: int, n_inner: int) -> int:
 
 def make_model(args):
     mcfg = dit.preset(args.preset, image_size=args.image_size, dtype=args.dtype)
-    model = dit.DiT(mcfg, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = dit.init(mcfg, jax.random.key(0))
     # A fresh DiT outputs exactly zero (adaLN-Zero); perturb it so v and s are non-trivial.
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
-    apply = lambda p, x, t, y: nnx.merge(graphdef, p, rest)(x, t, y)  # noqa: E731
+    apply = dit.make_apply(graphdef, rest)
     return mcfg, apply, params
 
 

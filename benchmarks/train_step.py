@@ -26,7 +26,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from configs import digits, imagenet, mnist  # noqa: E402
 from benchmarks.machine import cpu_name  # noqa: E402
-from patch_forcing import config_lib, train  # noqa: E402
+from patch_forcing import config_lib, sharding, train  # noqa: E402
+from patch_forcing.data import pipeline  # noqa: E402
 
 CONFIGS = {"digits": digits.get_config, "mnist": mnist.get_config, "imagenet": imagenet.get_config}
 
@@ -39,7 +40,7 @@ def bench_row(row: str, batch: int | None, dtype: str | None, repeats: int, warm
     if dtype:
         c.model.dtype = dtype
     mcfg = config_lib.model_config(c)
-    mesh = config_lib.make_mesh(c.mesh)
+    mesh = sharding.make_mesh(c.mesh)
     state, graphdef, rest, shardings = train.init_state(c, mesh)
     step = train.jit_train_step(c, graphdef, rest, shardings, mesh)
     h, w = mcfg.image_size
@@ -47,9 +48,8 @@ def bench_row(row: str, batch: int | None, dtype: str | None, repeats: int, warm
     b = c.data.batch_size
     batch_np = {"image": rng.standard_normal((b, h, w, mcfg.in_channels)).astype(np.float32),
                 "label": rng.integers(0, mcfg.num_classes, b).astype(np.int32)}
-    from patch_forcing import data as data_lib
 
-    gbatch = data_lib.to_global_batch(batch_np, mesh)
+    gbatch = sharding.to_global_batch(batch_np, mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, gbatch).compile()
     compile_s = time.perf_counter() - t0

@@ -7,16 +7,28 @@ differs. Every field exists here, so anything can be overridden on the command l
 
 import ml_collections
 
-from patch_forcing import evaluate, timesteps
-from patch_forcing.models import dit
+from patch_forcing import presets
 
 
 def model_block(preset_name: str, **overrides) -> ml_collections.ConfigDict:
     """All DiTConfig fields of a preset, spelled out so each can be overridden."""
-    cfg = dit.preset(preset_name, **overrides).to_dict()
+    cfg = presets.dit_fields(preset_name, **overrides)
     cfg["image_size"] = tuple(cfg["image_size"])
     cfg["attention_impl"] = cfg["attention_impl"] or ""  # "" = JAX's choice; "cudnn" on GPUs
     return ml_collections.ConfigDict({"preset": preset_name, **cfg})
+
+
+def eval_block() -> ml_collections.ConfigDict:
+    """--mode=evaluate and the in-training FID (patch_forcing/evaluation/fid.py)."""
+    return ml_collections.ConfigDict(dict(
+        num_samples=10_000,  # --mode=evaluate: 50k for tables, 10k for ablations
+        batch_size=256,  # global sampling batch; divisible by the device count
+        reference="data",  # 'data' (config.data.split_eval) or a reference-statistics .npz
+        feature_network="auto",  # 'auto' | 'inception' | 'inception:<pth>' | 'classifier:<dir>'
+        fid_every_steps=0,  # in-training FID every this many steps (0 = off)
+        fid_num_samples=1_000,  # samples of the in-training FID
+        save_samples=False,  # also write <workdir>/eval/<sampler name>-<N>.npz (ADM arr_0/arr_1)
+    ))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -30,14 +42,14 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.model = model_block("PF-Tiny/2", image_size=8, in_channels=1, num_classes=10)
 
-    # Training timestep sampler (patch_forcing/timesteps.py): ltg | truncated_gaussian | srm |
+    # Training timestep sampler (patch_forcing/flow/timesteps.py): ltg | truncated_gaussian | srm |
     # gaussian | independent | uniform | logit_normal, with one parameter block per sampler
     # (e.g. --config.flow.timesteps=srm --config.flow.srm.sharpness=4). Global-time baselines:
     # a global sampler (uniform or logit_normal) and model.per_patch=False.
     c.flow = ml_collections.ConfigDict({"timesteps": "ltg"})
-    for name in timesteps.SAMPLERS:
-        if timesteps.default_params(name):
-            c.flow[name] = timesteps.default_params(name)
+    for name, params in presets.TIMESTEP_PARAMS.items():
+        if params:
+            c.flow[name] = dict(params)
     c.loss = ml_collections.ConfigDict(dict(nll_weight=0.01, label_dropout=0.1))
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-4, warmup_steps=1000, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
@@ -54,15 +66,12 @@ def base_config() -> ml_collections.ConfigDict:
     # model width over the `fsdp` axis (e.g. mesh.data=1, mesh.fsdp=-1).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
 
-    # Sampler for the periodic sample grids and --mode=sample (patch_forcing/samplers.py).
-    c.sampler = ml_collections.ConfigDict(dict(
-        name="euler_pf", steps=50, cfg_scale=1.0, q=0.4, n_inner=4, ratio=1.4, pool="mean",
-        guidance_interval=(0.0, 1.0),
-    ))
+    # Sampler for the periodic sample grids and --mode=sample (patch_forcing/flow/samplers.py).
+    c.sampler = ml_collections.ConfigDict(dict(presets.SAMPLER, guidance_interval=(0.0, 1.0)))
     # --mode=sample: how many images, which classes (empty: uniform random), where to read the
     # inference checkpoint (empty: <workdir>/inference), the VAE that decodes latents (empty: none).
     c.sample = ml_collections.ConfigDict(dict(
         num_images=64, batch_size=64, classes=(), checkpoint="", num_difficulty_rows=4, vae="",
     ))
-    c.eval = evaluate.eval_block()  # --mode=evaluate and in-training FID (patch_forcing/evaluate.py)
+    c.eval = eval_block()
     return c

@@ -1,4 +1,4 @@
-"""The paper's ImageNet-256 recipe (SPEC §6): PF-B/2 on SD-VAE ft-EMA latents (32x32x4).
+"""The paper's ImageNet-256 recipe: PF-B/2 on SD-VAE ft-EMA latents (32x32x4).
 
   python -m patch_forcing.main --config=configs/imagenet.py --workdir=gs://BUCKET/pf-b2 \
       --config.data.data_dir=gs://BUCKET/imagenet256-latents

@@ -22,6 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from patch_forcing.models import dit
+
 INFERENCE_FORMAT = "patch_forcing.inference/1"
 
 
@@ -82,7 +84,7 @@ def load_inference(directory: str | epath.Path) -> tuple[dict, Any, dict]:
     if not is_inference_checkpoint(directory):
         raise FileNotFoundError(
             f"no inference checkpoint at {directory} (expected config.json and params/; training writes "
-            "<workdir>/inference, `python -m patch_forcing.convert` writes one from a PyTorch checkpoint)"
+            "<workdir>/inference, `python -m patch_forcing.tools.convert` writes one from a PyTorch checkpoint)"
         )
     meta = json.loads((directory / "config.json").read_text())
     if meta.get("format") != INFERENCE_FORMAT:
@@ -90,3 +92,11 @@ def load_inference(directory: str | epath.Path) -> tuple[dict, Any, dict]:
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(directory / "params")
     return meta["model"], params, meta
+
+
+def load_model(directory: str | epath.Path):
+    """(DiTConfig, apply(params, x, t, y), params, metadata) from an inference checkpoint."""
+    model_cfg, params, meta = load_inference(directory)
+    mcfg = dit.DiTConfig.from_dict(model_cfg)
+    apply, params = dit.from_params(mcfg, params)
+    return mcfg, apply, params, meta

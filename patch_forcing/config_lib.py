@@ -1,18 +1,18 @@
-"""Config validation and the objects a config describes (model config, timestep sampler, mesh).
-
-`validate(config, mode)` runs before anything is compiled or read: a bad field fails with one line
-naming the field and the allowed values.
+"""A config read into the objects it describes (DiTConfig, timestep sampler, SamplerConfig) and
+checked: `validate(config, mode)` runs before anything is compiled or read, and a bad field fails
+with one line naming the field and the allowed values. Config files themselves import only
+`patch_forcing.presets`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
+from etils import epath
 
-from patch_forcing import timesteps
+from patch_forcing.data import pipeline
+from patch_forcing.flow import samplers, timesteps
 from patch_forcing.models import dit
 
 MODES = ("train", "sample", "evaluate")
@@ -44,22 +44,6 @@ def timestep_sampler(config):
              f"config.flow.timesteps={name!r} is not one of {sorted(timesteps.SAMPLERS)}")
     params = dict(config.flow.get(name, {}))
     return timesteps.make_timestep_sampler(name, **params)
-
-
-def make_mesh(mesh_cfg, devices=None) -> Mesh:
-    """A ('data', 'fsdp') mesh; -1 in one axis takes the remaining devices."""
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp)]
-    _require(sum(s == -1 for s in sizes) <= 1 and all(s == -1 or s >= 1 for s in sizes),
-             f"config.mesh.data={sizes[0]} and config.mesh.fsdp={sizes[1]}: each must be >= 1 or -1 (at most one -1)")
-    fixed = int(np.prod([s for s in sizes if s != -1]))
-    _require(len(devices) % fixed == 0,
-             f"config.mesh (data={sizes[0]}, fsdp={sizes[1]}) does not divide the {len(devices)} devices")
-    sizes = [len(devices) // fixed if s == -1 else s for s in sizes]
-    _require(int(np.prod(sizes)) == len(devices),
-             f"config.mesh (data={sizes[0]}, fsdp={sizes[1]}) must use all {len(devices)} devices")
-    arr = np.asarray(devices).reshape(sizes)
-    return Mesh(arr, ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
 
 
 def validate(config, mode: str = "train") -> None:
@@ -94,19 +78,25 @@ def validate(config, mode: str = "train") -> None:
     _require(config.checkpoint.every_steps >= 1,
              f"config.checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}")
     _require(config.checkpoint.keep >= 1, f"config.checkpoint.keep must be >= 1, got {config.checkpoint.keep}")
-    from patch_forcing import data, evaluate  # heavy-ish imports, only when validating
-
-    data.check_config(d)
+    pipeline.check_config(d)
     if "eval" in config:
-        evaluate.check_eval_config(config.eval)
+        check_eval(config.eval)
     sampler_config(config, mcfg)
+
+
+def check_eval(e) -> None:
+    """The `eval` block (configs/common.py eval_block): one-line ValueError naming the field."""
+    for field, low in (("num_samples", 2), ("batch_size", 1), ("fid_every_steps", 0), ("fid_num_samples", 2)):
+        v = e[field]
+        _require(isinstance(v, (int, np.integer)) and v >= low, f"config.eval.{field}={v!r} must be an int >= {low}")
+    for field in ("reference", "feature_network"):
+        _require(isinstance(e[field], str) and bool(e[field]),
+                 f"config.eval.{field}={e[field]!r} must be a non-empty string")
 
 
 def sampler_config(config, mcfg: dit.DiTConfig | None = None):
     """`config.sampler` completed from the model (patch size, null class), validated; the sampler
     must fit the model: `euler` for global-time models, a per-patch sampler otherwise."""
-    from patch_forcing import samplers
-
     mcfg = mcfg or model_config(config)
     scfg = samplers.validate_sampler_config(samplers.as_sampler_config(
         config.sampler, null_class=mcfg.num_classes, patch_size=mcfg.patch_size))
@@ -115,3 +105,10 @@ def sampler_config(config, mcfg: dit.DiTConfig | None = None):
         kind = "per-patch" if mcfg.per_patch else "global-time"
         raise ValueError(f"config.sampler.name={scfg.name!r} does not fit a {kind} model: use {fit}")
     return scfg
+
+
+def inference_dir(config, workdir) -> epath.Path:
+    """The inference checkpoint that sampling and evaluation read: config.sample.checkpoint, else
+    <workdir>/inference (where training leaves its EMA weights)."""
+    ckpt = str(config.sample.get("checkpoint", "") or "")
+    return epath.Path(ckpt) if ckpt else epath.Path(workdir) / "inference"

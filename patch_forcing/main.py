@@ -2,7 +2,7 @@
 
 Any config field can be overridden, e.g. --config.optim.lr=2e-4 --config.sampler.name=dual_loop.
 Modes: train (resumes from the workdir's latest checkpoint), sample (reads <workdir>/inference or
-config.sample.checkpoint), evaluate.
+config.sample.checkpoint), evaluate (FID & co. of the same checkpoint).
 """
 
 from __future__ import annotations
@@ -10,15 +10,19 @@ from __future__ import annotations
 import logging as pylogging
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before anything imports TensorFlow
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from patch_forcing import config_lib, generate, train  # noqa: E402
+from patch_forcing.evaluation import fid  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (a .py with get_config()).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory: local path or any path etils accepts (gs://...).")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"], "What to run.")
+flags.DEFINE_enum("mode", "train", list(config_lib.MODES), "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,29 +33,18 @@ def _quiet_orbax(record) -> bool:
 
 def main(argv):
     del argv
-    import jax
-
     logging.get_absl_handler().addFilter(_quiet_orbax)
-
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
         jax.distributed.initialize()  # multi-host: TPU pods, or clusters that set the coordinator
     logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())
-    from patch_forcing import config_lib
-
     config_lib.validate(FLAGS.config, FLAGS.mode)  # fails on a bad field before anything compiles
     if FLAGS.mode == "train":
-        from patch_forcing import train
-
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
-        from patch_forcing import sample
-
-        sample.sample_and_save(FLAGS.config, FLAGS.workdir)
+        generate.sample_and_save(FLAGS.config, FLAGS.workdir)
     else:
-        from patch_forcing import evaluate
-
-        evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+        fid.evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,13 @@ import io
 import math
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["to_uint8", "image_grid", "save_png", "load_png", "colormap", "difficulty_picture"]
+__all__ = ["to_uint8", "image_grid", "save_png", "load_png", "colormap", "difficulty_picture",
+           "trajectory_picture"]
 
 # Viridis sampled at 0, 1/8, ..., 1 (RGB 0..255); linear interpolation in between.
 _VIRIDIS = np.array(
@@ -30,10 +33,12 @@ CERTAIN_RGB = (235, 235, 235)
 UNCERTAIN_RGB = (200, 40, 40)
 
 
-def to_uint8(x) -> np.ndarray:
-    """Images in [-1, 1] -> uint8 [0, 255] as the reference's FID samples: clip(127.5 x + 128)."""
-    x = np.asarray(x, np.float32)
-    return np.clip(127.5 * x + 128.0, 0, 255).astype(np.uint8)
+def to_uint8(x):
+    """Images in [-1, 1] -> uint8 [0, 255] as ADM's sample files: clip(127.5 x + 128). numpy in,
+    numpy out; a jax.Array (or a tracer inside jit) in, a jax.Array out."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    x = xp.asarray(x, xp.float32)
+    return xp.clip(127.5 * x + 128.0, 0, 255).astype(xp.uint8)
 
 
 def _rgb(images: np.ndarray) -> np.ndarray:
@@ -203,3 +208,17 @@ def difficulty_picture(
         for i, text in enumerate(list(labels)[:r]):
             canvas = _caption(canvas, (pad + 1, caption_h + pad + i * rows_per_sample * (th + pad) + 1), str(text), box=True)
     return canvas
+
+
+def trajectory_picture(images, info: dict, patch_size: int, model_height: int, rows: int):
+    """The first `rows` samples beside their per-patch difficulty over the sampler's trajectory
+    (and certain masks), from a sampler's `info`; None for global-time models (no difficulty).
+    `model_height` is the model's input height: decoded latents have more pixels per patch."""
+    if rows <= 0 or "difficulty" not in info:
+        return None
+    images = np.asarray(images[:rows])
+    uint8 = images if images.dtype == np.uint8 else to_uint8(images)
+    masks = info["certain"][:rows] if "certain" in info else None
+    scale = uint8.shape[1] // model_height
+    return difficulty_picture(uint8, info["difficulty"][:rows], masks=masks, patch_size=patch_size * scale,
+                              times=info["times"][:rows])

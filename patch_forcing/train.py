@@ -1,15 +1,14 @@
-"""Training loop: one pure train_step, jitted once, sharded over a ('data', 'fsdp') mesh.
+"""Training: one pure train step, jitted once and sharded over the (data, fsdp) mesh, and the loop.
 
-Read top to bottom: state, update step, evaluation, loop. The train state is a plain pytree
-  {'step', 'params', 'opt_state', 'ema', 'rng'}
-(params/EMA are nnx.State of the DiT's nnx.Param variables). The step RNG is
-fold_in(rng, step), so a resumed run draws exactly the numbers an uninterrupted one would.
+Read top to bottom: optimizer, state, update step, periodic evaluation, loop. The state is a plain
+pytree {'step', 'params', 'opt_state', 'ema', 'rng'} (params and EMA are nnx.State of the DiT's
+nnx.Param variables). The step RNG is fold_in(rng, step), so a resumed run draws exactly the
+numbers an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import time
 from typing import Any
 
@@ -24,12 +23,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from patch_forcing import checkpoint as ckpt_lib
-from patch_forcing import config_lib
-from patch_forcing import flow as flow_lib
-from patch_forcing import loss as loss_lib
-from patch_forcing.models import dit
-
-BATCH_AXES = ("data", "fsdp")
+from patch_forcing import config_lib, pictures, sharding
+from patch_forcing.data import pipeline
+from patch_forcing.evaluation import fid
+from patch_forcing.flow import interpolant, samplers
+from patch_forcing.flow import loss as loss_lib
+from patch_forcing.metric_writer import MetricWriter
+from patch_forcing.models import dit, vae
 
 
 # ----------------------------------------------------------------------------- model and optimizer
@@ -50,23 +50,9 @@ def make_optimizer(optim_cfg):
     return tx, schedule
 
 
-def split_model(mcfg: dit.DiTConfig, key):
-    """(graphdef, params, rest): rest holds the fixed position embedding."""
-    return nnx.split(dit.DiT(mcfg, rngs=nnx.Rngs(key)), nnx.Param, ...)
-
-
-def make_apply(graphdef, rest):
-    """apply(params, x, t, y) -> (v, s): a pure function of the parameters."""
-
-    def apply(params, x, t, y):
-        return nnx.merge(graphdef, params, rest)(x, t, y)
-
-    return apply
-
-
 def param_shardings(abstract_params, mesh, fsdp: bool):
     """NamedShardings from the model's logical annotations ('embed' -> 'fsdp' under FSDP)."""
-    rules = dict(dit.logical_axis_rules(fsdp))
+    rules = dict(sharding.logical_axis_rules(fsdp))
     specs = nnx.get_partition_spec(abstract_params)
 
     def to_mesh(spec):
@@ -82,12 +68,12 @@ def init_state(config, mesh):
     mcfg = config_lib.model_config(config)
     tx, _ = make_optimizer(config.optim)
     key = jax.random.key(config.seed)
-    graphdef, abstract_params, _ = nnx.eval_shape(lambda: split_model(mcfg, key))
-    shard = param_shardings(abstract_params, mesh, fsdp=mesh.shape["fsdp"] > 1)
+    graphdef, abstract_params, _ = nnx.eval_shape(lambda: dit.init(mcfg, key))
+    shard = param_shardings(abstract_params, mesh, fsdp=mesh.shape[sharding.FSDP] > 1)
     replicated = NamedSharding(mesh, P())
 
     def init(key):
-        _, params, rest = split_model(mcfg, key)
+        _, params, rest = dit.init(mcfg, key)
         params = jax.lax.with_sharding_constraint(params, shard)
         state = {
             "step": jnp.zeros((), jnp.int32),
@@ -114,7 +100,7 @@ def make_train_step(config, graphdef, rest):
     mcfg = config_lib.model_config(config)
     tx, schedule = make_optimizer(config.optim)
     sample_t = config_lib.timestep_sampler(config)
-    apply = make_apply(graphdef, rest)
+    apply = dit.make_apply(graphdef, rest)
     p, n, null = mcfg.patch_size, mcfg.num_patches, mcfg.num_classes
     nll_weight, dropout, decay = config.loss.nll_weight, config.loss.label_dropout, config.ema.decay
 
@@ -128,8 +114,8 @@ def make_train_step(config, graphdef, rest):
         if not mcfg.per_patch:
             t = t[:, 0]  # global samplers give equal patch times
         x0 = jax.random.normal(k_noise, x1.shape, jnp.float32)
-        xt = flow_lib.interpolate(x0, x1, t, p)
-        u = flow_lib.target(x0, x1)
+        xt = interpolant.interpolate(x0, x1, t, p)
+        u = interpolant.target(x0, x1)
         y = jnp.where(jax.random.uniform(k_drop, (b,)) < dropout, null, y)  # CFG label dropout
 
         def loss_fn(params):
@@ -148,7 +134,7 @@ def make_train_step(config, graphdef, rest):
 
 
 def jit_train_step(config, graphdef, rest, shardings, mesh):
-    batch_shard = NamedSharding(mesh, P(BATCH_AXES))
+    batch_shard = sharding.batch_sharding(mesh)
     return jax.jit(
         make_train_step(config, graphdef, rest),
         in_shardings=(shardings, {"image": batch_shard, "label": batch_shard}),
@@ -157,23 +143,7 @@ def jit_train_step(config, graphdef, rest, shardings, mesh):
     )
 
 
-# ----------------------------------------------------------------------------- evaluation
-def make_eval_fns(config, graphdef, rest):
-    """Jitted validation loss (8 segments) over EMA params, and the sampler over EMA params."""
-    from patch_forcing import samplers
-
-    mcfg = config_lib.model_config(config)
-    apply = make_apply(graphdef, rest)
-
-    @jax.jit
-    def val_fn(params, x1, x0, y):
-        fn = functools.partial(apply, params)
-        return loss_lib.validation_loss(fn, x1, x0, y, mcfg.patch_size, per_patch=mcfg.per_patch)
-
-    sample_fn = samplers.make_sample_fn(apply, config_lib.sampler_config(config), return_trajectory=True)
-    return val_fn, sample_fn
-
-
+# ----------------------------------------------------------------------------- periodic evaluation
 def first_non_finite(history: list[tuple[int, Any]]) -> tuple[int, float] | None:
     """The first (step, value) whose loss or grad norm is NaN/inf, from fetched metrics."""
     for step, m in history:
@@ -184,164 +154,175 @@ def first_non_finite(history: list[tuple[int, Any]]) -> tuple[int, float] | None
     return None
 
 
-def _latent_decoder(config, mcfg):
+class Evaluator:
+    """What the loop does every few steps on the EMA params, with data and noise fixed at setup:
+    the 8-segment validation loss, sample grids with difficulty maps, and the optional FID."""
+
+    def __init__(self, config, workdir, graphdef, rest, mesh):
+        self.config, self.workdir = config, epath.Path(workdir)
+        self.mcfg = mcfg = config_lib.model_config(config)
+        apply = dit.make_apply(graphdef, rest)
+        self.val_fn = jax.jit(lambda params, x1, x0, y: loss_lib.validation_loss(
+            functools.partial(apply, params), x1, x0, y, mcfg.patch_size, per_patch=mcfg.per_patch))
+        scfg = config_lib.sampler_config(config, mcfg)
+        self.sampler_name = samplers.sampler_name(scfg)
+        self.sample_fn = samplers.make_sample_fn(apply, scfg, return_trajectory=True)
+        self.key = jax.random.key(config.seed + 1)
+        self.val_batches = list(pipeline.make_eval_batches(
+            config.data, config.data.split_eval, num_examples=config.log.num_eval_examples))
+        ns, (h, w) = config.log.num_samples, mcfg.image_size
+        self.noise = jax.random.normal(jax.random.fold_in(self.key, 0), (ns, h, w, mcfg.in_channels))
+        self.labels = jnp.arange(ns, dtype=jnp.int32) % mcfg.num_classes
+        self.decode = _sample_decoder(config, mcfg)
+        self.fid_hook = None
+        if config.eval.fid_every_steps > 0:  # the --mode=evaluate measurement, next to val loss
+            self.fid_hook = fid.make_fid_hook(config, str(workdir), apply, mesh)
+
+    def val_loss(self, ema) -> dict:
+        seg_sum, count = 0.0, 0
+        for i, vb in enumerate(self.val_batches):
+            x1 = jnp.asarray(vb["image"])
+            x0 = jax.random.normal(jax.random.fold_in(self.key, 1000 + i), x1.shape)
+            _, seg = self.val_fn(ema, x1, x0, jnp.asarray(vb["label"]))
+            seg_sum, count = seg_sum + np.asarray(seg) * len(x1), count + len(x1)
+        seg = seg_sum / count
+        return {"val_loss": float(seg.mean()), **{f"val_loss/t{k}": float(v) for k, v in enumerate(seg)}}
+
+    def sample_pictures(self, step: int, ema) -> None:
+        """<workdir>/samples/step<N>-<sampler>.png and its -difficulty.png (chief only)."""
+        samples, info = self.sample_fn(ema, self.noise, self.labels, jax.random.fold_in(self.key, 2))
+        samples = self.decode(samples)
+        if not sharding.is_chief():
+            return
+        out = self.workdir / "samples"
+        out.mkdir(parents=True, exist_ok=True)
+        images = pictures.to_uint8(np.asarray(samples))
+        pictures.save_png(out / f"step{step:07d}-{self.sampler_name}.png",
+                          pictures.image_grid(images, min_size=32))
+        pic = pictures.trajectory_picture(images, jax.device_get(info), self.mcfg.patch_size,
+                                          self.mcfg.image_size[0], self.config.sample.num_difficulty_rows)
+        if pic is not None:
+            pictures.save_png(out / f"step{step:07d}-{self.sampler_name}-difficulty.png", pic)
+
+
+def _sample_decoder(config, mcfg):
     """Pixels for the sample grids: latent models decode with config.sample.vae when it loads
     (else their first three channels are shown, with a warning); pixel models pass through."""
     if mcfg.in_channels in (1, 3):
         return lambda x: x
-    if config.sample.vae:
-        from patch_forcing import sample
-
-        try:
-            return sample.make_decoder(config.sample.vae)
-        except (OSError, ValueError) as e:  # offline hub, missing file
-            logging.warning("sample grids show raw latents: the VAE did not load (%s)", e)
+    try:
+        if config.sample.vae:
+            return vae.make_decoder(config.sample.vae)
+    except (OSError, ValueError) as e:  # offline hub, missing file
+        logging.warning("sample grids show raw latents: the VAE did not load (%s)", e)
     return lambda x: x[..., :3]
 
 
-def _write_samples(workdir, step, samples, info, mcfg, sampler_name, num_rows):
-    from patch_forcing import pictures, sample
-
-    out = epath.Path(workdir) / "samples"
-    out.mkdir(parents=True, exist_ok=True)
-    images = pictures.to_uint8(np.asarray(samples))
-    pictures.save_png(out / f"step{step:07d}-{sampler_name}.png", pictures.image_grid(images, min_size=32))
-    pic = sample.trajectory_picture(images, info, mcfg, num_rows)
-    if pic is not None:
-        pictures.save_png(out / f"step{step:07d}-{sampler_name}-difficulty.png", pic)
-
-
 # ----------------------------------------------------------------------------- loop
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Train per `config` in `workdir`, resuming from its latest checkpoint; returns last metrics."""
-    from clu import metric_writers, periodic_actions
-
-    from patch_forcing import data as data_lib
-    from patch_forcing import samplers
-
-    config_lib.validate(config, "train")
+def _setup_workdir(config, workdir) -> epath.Path:
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    is_chief = jax.process_index() == 0
-    mcfg = config_lib.model_config(config)
-    if is_chief:
+    if sharding.is_chief():
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    return workdir
 
-    # Logging: TensorBoard + console through clu, and one JSON line per log step.
-    writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_chief)
-    jsonl = (workdir / "metrics.jsonl").open("a") if is_chief else None
 
-    def log(step, scalars):
-        writer.write_scalars(step, scalars)
-        if jsonl:
-            jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
-            jsonl.flush()
+def _restore(manager, state, train_iter) -> tuple[Any, int]:
+    """The workdir's latest complete checkpoint (state and data iterator), else the fresh state."""
+    step = manager.latest_step()
+    if step is None:
+        return state, 0
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    state = ckpt_lib.restore(manager, step, abstract, train_iter)
+    logging.info("resumed from step %d", step)
+    return state, int(step)
 
-    # Mesh, state, input.
-    mesh = config_lib.make_mesh(config.mesh)
-    logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
-    state, graphdef, rest, shardings = init_state(config, mesh)
-    train_iter = data_lib.make_train_iterator(
-        config.data, config.seed, jax.process_index(), jax.process_count())
-    manager = ckpt_lib.make_manager(workdir / "checkpoints", every_steps=config.checkpoint.every_steps,
-                                    keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    start = manager.latest_step()
-    if start is not None:  # resume: the workdir's latest complete checkpoint
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state = ckpt_lib.restore(manager, start, abstract, train_iter)
-        logging.info("resumed from step %d", start)
-    start = int(start or 0)
 
-    train_step = jit_train_step(config, graphdef, rest, shardings, mesh)
-    val_fn, sample_fn = make_eval_fns(config, graphdef, rest)
-    scfg = config_lib.sampler_config(config)
-    sname = samplers.sampler_name(scfg)
+class _FiniteCheck:
+    """Collects each step's metrics without a device sync; `check()` fetches them and stops on
+    the first NaN/inf naming the step and the last good checkpoint."""
 
-    # Fixed validation data and noise, and fixed sampling noise/labels (the same at every eval).
-    eval_key = jax.random.key(config.seed + 1)
-    val_batches = list(data_lib.make_eval_batches(
-        config.data, config.data.split_eval, num_examples=config.log.num_eval_examples))
-    ns = config.log.num_samples
-    h, w = mcfg.image_size
-    sample_noise = jax.random.normal(jax.random.fold_in(eval_key, 0), (ns, h, w, mcfg.in_channels))
-    sample_labels = jnp.arange(ns, dtype=jnp.int32) % mcfg.num_classes
+    def __init__(self, manager, workdir):
+        self.manager, self.workdir, self.pending = manager, workdir, []
 
-    def evaluate(step):
-        seg_sum, count = 0.0, 0
-        for i, vb in enumerate(val_batches):
-            x1 = jnp.asarray(vb["image"])
-            x0 = jax.random.normal(jax.random.fold_in(eval_key, 1000 + i), x1.shape)
-            _, seg = val_fn(state["ema"], x1, x0, jnp.asarray(vb["label"]))
-            seg_sum, count = seg_sum + np.asarray(seg) * len(x1), count + len(x1)
-        seg = seg_sum / count
-        log(step, {"val_loss": float(seg.mean()), **{f"val_loss/t{k}": float(v) for k, v in enumerate(seg)}})
+    def add(self, step, metrics):
+        self.pending.append((step, metrics))
 
-    decode = _latent_decoder(config, mcfg)
-    fid_every = int(config.eval.fid_every_steps)
-    fid_hook = None
-    if fid_every > 0:  # FID-1k (digits) / FID-10k (ImageNet) on the EMA params, next to val loss
-        from patch_forcing import evaluate as evaluate_lib
-
-        fid_hook = evaluate_lib.make_fid_hook(config, str(workdir), make_apply(graphdef, rest), mesh)
-
-    def sample_pictures(step):
-        samples, info = sample_fn(state["ema"], sample_noise, sample_labels, jax.random.fold_in(eval_key, 2))
-        samples = decode(samples)
-        if is_chief:
-            _write_samples(workdir, step, samples, jax.device_get(info), mcfg, sname,
-                           config.sample.num_difficulty_rows)
-
-    hooks = []
-    if is_chief:
-        hooks.append(periodic_actions.ReportProgress(num_train_steps=config.train.num_steps, writer=writer,
-                                                     every_steps=config.log.every_steps))
-        if config.log.profile:
-            hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=5))
-
-    pending: list[tuple[int, Any]] = []  # metrics not yet checked for NaN/inf
-
-    def check_finite():
-        found = first_non_finite(jax.device_get(pending))
+    def check(self) -> dict:
+        found = first_non_finite(jax.device_get(self.pending))
         if found is not None:
-            manager.wait_until_finished()
+            self.manager.wait_until_finished()
             raise FloatingPointError(
                 f"loss/grad norm became {found[1]} at step {found[0]}; stopping. The last good "
-                f"checkpoint is step {manager.latest_step()} in {workdir / 'checkpoints'}")
-        last = pending[-1][1] if pending else None
-        pending.clear()
-        return last
+                f"checkpoint is step {self.manager.latest_step()} in {self.workdir / 'checkpoints'}")
+        last = self.pending[-1][1] if self.pending else {}
+        self.pending.clear()
+        return {k: float(v) for k, v in jax.device_get(last).items()}
 
-    last_metrics = {}
-    t_log = time.time()
+
+class _Progress:
+    """A console line with the ETA at every log step; with config.log.profile a jax.profiler
+    trace of 5 steps (after 10 warm-up steps) in <workdir>/profile (TensorBoard or Perfetto)."""
+
+    def __init__(self, config, workdir, start: int):
+        self.total, self.start = config.train.num_steps, start
+        self.profile_dir = str(workdir / "profile") if config.log.profile and sharding.is_chief() else None
+
+    def step(self, step: int) -> None:
+        if self.profile_dir and step == self.start + 10:
+            jax.profiler.start_trace(self.profile_dir)
+        elif self.profile_dir and step == self.start + 15:
+            jax.profiler.stop_trace()
+            logging.info("profile of steps %d-%d in %s", step - 5, step - 1, self.profile_dir)
+
+    def report(self, step: int, steps_per_sec: float) -> None:
+        eta = (self.total - step) / max(steps_per_sec, 1e-9)
+        logging.info("step %d/%d (%.1f%%), %.2f steps/s, ETA %dh%02dm", step, self.total,
+                     100.0 * step / self.total, steps_per_sec, eta // 3600, eta % 3600 // 60)
+
+
+def _every(step: int, n: int, final: bool) -> bool:
+    return final or (n > 0 and step % n == 0)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+    """Train per `config` in `workdir`, resuming from its latest checkpoint; returns last metrics."""
+    config_lib.validate(config, "train")
+    workdir = _setup_workdir(config, workdir)
+    writer = MetricWriter(workdir, enabled=sharding.is_chief())
+    mesh = sharding.make_mesh(config.mesh)
+    logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+    state, graphdef, rest, shardings = init_state(config, mesh)
+    train_iter = pipeline.make_train_iterator(config.data, config.seed, jax.process_index(), jax.process_count())
+    c, log = config.checkpoint, config.log
+    manager = ckpt_lib.make_manager(workdir / "checkpoints", every_steps=c.every_steps, keep=c.keep,
+                                    async_save=c.async_save)
+    state, start = _restore(manager, state, train_iter)
+    train_step = jit_train_step(config, graphdef, rest, shardings, mesh)
+    evaluator = Evaluator(config, workdir, graphdef, rest, mesh)
+    finite, progress, last, t_log = _FiniteCheck(manager, workdir), _Progress(config, workdir, start), {}, time.time()
     with jax.set_mesh(mesh):
         for step in range(start + 1, config.train.num_steps + 1):
-            batch = data_lib.to_global_batch(next(train_iter), mesh)
-            state, metrics = train_step(state, batch)
-            pending.append((step, metrics))
-            for hook in hooks:
-                hook(step)
+            state, metrics = train_step(state, sharding.to_global_batch(next(train_iter), mesh))
+            finite.add(step, metrics)
+            progress.step(step)
             final = step == config.train.num_steps
-            if step % config.log.every_steps == 0 or final:
-                m = jax.device_get(check_finite())
-                dt = time.time() - t_log
-                t_log = time.time()
-                last_metrics = {k: float(v) for k, v in m.items()}
-                log(step, {**last_metrics, "steps_per_sec": config.log.every_steps / max(dt, 1e-9)})
-            if step % config.checkpoint.every_steps == 0 or final:
-                check_finite()  # never save a NaN state
+            if _every(step, log.every_steps, final):
+                last, sps, t_log = finite.check(), log.every_steps / max(time.time() - t_log, 1e-9), time.time()
+                writer.write(step, {**last, "steps_per_sec": sps})
+                progress.report(step, sps)
+            if _every(step, c.every_steps, final):
+                finite.check()  # never save a NaN state
                 ckpt_lib.save(manager, step, state, train_iter, force=final)
-            if step % config.log.eval_every_steps == 0 or final:
-                evaluate(step)
-            if step % config.log.sample_every_steps == 0 or final:
-                sample_pictures(step)
-            if fid_hook is not None and (step % fid_every == 0 or final):
-                log(step, fid_hook(step, state["ema"]))
-
+            if _every(step, log.eval_every_steps, final):
+                writer.write(step, evaluator.val_loss(state["ema"]))
+            if _every(step, log.sample_every_steps, final):
+                evaluator.sample_pictures(step, state["ema"])
+            if evaluator.fid_hook is not None and _every(step, config.eval.fid_every_steps, final):
+                writer.write(step, evaluator.fid_hook(step, state["ema"]))
     manager.wait_until_finished()
-    if is_chief:
-        ckpt_lib.save_inference(workdir / "inference", mcfg.to_dict(), nnx.to_pure_dict(state["ema"]),
+    if sharding.is_chief():
+        ckpt_lib.save_inference(workdir / "inference", evaluator.mcfg.to_dict(), nnx.to_pure_dict(state["ema"]),
                                 extra={"step": int(state["step"]), "sampler": dict(config.sampler)})
-    writer.flush()
-    if jsonl:
-        jsonl.close()
-    return last_metrics
+    writer.close()
+    return last

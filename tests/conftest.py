@@ -1,7 +1,6 @@
 """Test setup: 8 fake CPU devices (set before JAX is imported) and shared fixtures."""
 
 import os
-import pathlib
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -11,8 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
+from tests import MNIST_DIR  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,11 @@
 
 import importlib.util
 import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests import REPO
 NOTEBOOK = REPO / "launch" / "colab_sampling.ipynb"
 SAMPLERS = ("euler_pf", "dual_loop", "look_ahead")
 
@@ -29,10 +26,10 @@ def test_notebook_runs_on_tiny_assets(tmp_path):
     if "python3" not in KernelSpecManager().find_kernel_specs():
         pytest.skip("no 'python3' Jupyter kernel spec (ipykernel not installed)")
 
+    from tests import tiny_assets
+
     assets = tmp_path / "assets"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    subprocess.run([sys.executable, str(REPO / "launch" / "make_tiny_assets.py"), f"--out={assets}"],
-                   check=True, cwd=REPO, env=env)
+    tiny_assets.write_assets(assets)
 
     # The kernel inherits this process's environment: the tiny switch, the repo on the path, and
     # one CPU device (conftest's 8 fake devices are not wanted here).

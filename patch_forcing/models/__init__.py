@@ -1,12 +1,4 @@
-"""Models: the DiT/SiT backbone with per-patch conditioning and a difficulty head."""
-
-from patch_forcing.models.dit import (
-    DiT,
-    DiTConfig,
-    PRESETS,
-    logical_axis_rules,
-    param_count,
-    preset,
-)
-
-__all__ = ["DiT", "DiTConfig", "PRESETS", "logical_axis_rules", "param_count", "preset"]
+"""The model zoo: the PF-DiT (dit), the SD-VAE (vae), Inception-v3 (inception) and the small
+digit classifier (classifier). Each module holds a config dataclass, the NNX module and, where
+weights come from elsewhere, its converter. Import the module you need (this file imports none).
+"""

@@ -1,4 +1,4 @@
-"""DiT / SiT backbone with per-patch time conditioning and a difficulty head (SPEC §3).
+"""DiT / SiT backbone with per-patch time conditioning and a difficulty head (the paper's PF-DiT).
 
 One implementation, two conditioning modes:
   per_patch=True  (Patch Forcing): t (B, N); every token gets its own time embedding plus the class
@@ -14,8 +14,9 @@ The fixed 2-D sin-cos position embedding `pos_embed` (1, N, D) is a `FixedEmbedd
 an nnx.Param: select parameters with `nnx.Param` when differentiating / optimising / averaging.
 
 Logical sharding names on every variable: 'embed' (model width D), 'mlp' (3D/4D/6D/2D fan-out),
-'vocab' (class-table rows), None otherwise. `logical_axis_rules(fsdp)` maps them onto a mesh; build
-the model inside `jax.set_mesh(mesh)` and `nnx.logical_axis_rules(rules)` to shard it eagerly.
+'vocab' (class-table rows), None otherwise. `sharding.logical_axis_rules(fsdp)` maps them onto a
+mesh; build the model inside `jax.set_mesh(mesh)` and `nnx.logical_axis_rules(rules)` to shard it
+eagerly. `init` / `from_params` give the model as a pure `apply(params, x, t, y)` and its params.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import meta, spmd
+
+from patch_forcing import presets
+from patch_forcing.flow.interpolant import patchify, unpatchify
+from patch_forcing.sharding import explicit_mesh, reshape_batch
 
 FREQ_DIM = 256  # sinusoidal time-embedding size
 MAX_PERIOD = 10000.0
@@ -50,11 +55,11 @@ class DiTConfig:
     hidden_size: int
     depth: int
     num_heads: int
-    mlp_ratio: float = 4.0
-    num_classes: int = 1000
+    mlp_ratio: float = presets.DIT_DEFAULTS["mlp_ratio"]
+    num_classes: int = presets.DIT_DEFAULTS["num_classes"]
     per_patch: bool = True
-    dtype: str = "float32"  # compute dtype; params are always float32
-    attention_impl: str | None = None  # jax.nn.dot_product_attention(implementation=...)
+    dtype: str = presets.DIT_DEFAULTS["dtype"]  # compute dtype; params are always float32
+    attention_impl: str | None = presets.DIT_DEFAULTS["attention_impl"]  # dot_product_attention(implementation=)
 
     def __post_init__(self):
         size = self.image_size
@@ -113,38 +118,13 @@ class DiTConfig:
         return cls(**d)
 
 
-# name: (depth, hidden_size, num_heads); Tiny is for CPU runs (digits, MNIST)
-_SIZES = {"Tiny": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
-          "XL": (28, 1152, 16)}
-_PATCHES = {"Tiny": (1, 2, 4), "S": (2, 4, 8), "B": (2, 4, 8), "L": (2, 4, 8), "XL": (2, 4, 8)}
-PRESETS = tuple(
-    f"{kind}-{size}/{p}" for kind in ("PF", "DiT") for size in _SIZES for p in _PATCHES[size]
-)
+PRESETS = presets.DIT_PRESETS
 
 
 def preset(name: str, **overrides) -> DiTConfig:
     """'PF-B/2' (per-patch) or 'DiT-B/2' (global); ImageNet-256 latent defaults (32x32x4, 1000
     classes); any DiTConfig field can be overridden, e.g. preset('PF-Tiny/2', image_size=8)."""
-    if name not in PRESETS:
-        raise ValueError(f"model preset={name!r} is not one of {list(PRESETS)}")
-    kind, rest = name.split("-", 1)
-    size, p = rest.split("/")
-    depth, width, heads = _SIZES[size]
-    fields = dict(
-        image_size=32, in_channels=4, patch_size=int(p), hidden_size=width, depth=depth,
-        num_heads=heads, num_classes=1000, per_patch=(kind == "PF"),
-    )
-    allowed = [f.name for f in dataclasses.fields(DiTConfig)]
-    for key in overrides:
-        if key not in allowed:
-            raise ValueError(f"preset override {key!r} is not a DiTConfig field; allowed: {allowed}")
-    fields.update(overrides)
-    return DiTConfig(**fields)
-
-
-def logical_axis_rules(fsdp: bool, fsdp_axis: str = "fsdp") -> tuple[tuple[str, str | None], ...]:
-    """Logical -> mesh axis rules: FSDP shards the model width D over `fsdp_axis`, else replicate."""
-    return (("embed", fsdp_axis if fsdp else None), ("mlp", None), ("vocab", None))
+    return DiTConfig(**presets.dit_fields(name, **overrides))
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -193,39 +173,11 @@ class FixedEmbedding(nnx.Variable):
     """A constant, non-trainable array stored with the model (not an nnx.Param)."""
 
 
-def _explicit_mesh() -> bool:
-    mesh = jax.sharding.get_abstract_mesh()
-    return not mesh.empty and mesh.are_all_axes_explicit
-
-
 def _use(w: jnp.ndarray, dtype) -> jnp.ndarray:
     """A weight cast to the compute dtype; under an Explicit-axes mesh also all-gathered
     (replicated) first, FSDP-style. Under Auto axes XLA's sharding propagation does this."""
     w = w.astype(dtype)
-    return jax.sharding.reshard(w, jax.P()) if _explicit_mesh() else w
-
-
-def _reshape(x: jnp.ndarray, shape: tuple) -> jnp.ndarray:
-    """Reshape keeping the batch (first) axis; under an Explicit mesh its sharding is kept."""
-    if _explicit_mesh():
-        spec = tuple(jax.typeof(x).sharding.spec) or (None,)
-        out = jax.P(spec[0], *([None] * (len(shape) - 1)))
-        return jax.lax.reshape(x, shape, out_sharding=out)
-    return x.reshape(shape)
-
-
-def patchify(x: jnp.ndarray, p: int) -> jnp.ndarray:
-    """(B, H, W, C) -> (B, N, p*p*C), tokens in raster order laid out (p, p, C) (= flow.patchify)."""
-    b, h, w, c = x.shape
-    x = _reshape(x, (b, h // p, p, w // p, p, c)).transpose(0, 1, 3, 2, 4, 5)
-    return _reshape(x, (b, (h // p) * (w // p), p * p * c))
-
-
-def unpatchify(tokens: jnp.ndarray, p: int, h: int, w: int) -> jnp.ndarray:
-    """(B, N, p*p*C) -> (B, H, W, C); the inverse of `patchify` (= flow.unpatchify)."""
-    b, _, k = tokens.shape
-    x = _reshape(tokens, (b, h // p, w // p, p, p, k // (p * p))).transpose(0, 1, 3, 2, 4, 5)
-    return _reshape(x, (b, h, w, k // (p * p)))
+    return jax.sharding.reshard(w, jax.P()) if explicit_mesh() else w
 
 
 class _Factory:
@@ -241,7 +193,7 @@ class _Factory:
             if not set(LOGICAL_AXES) <= names:
                 raise ValueError(
                     f"building DiT under a mesh needs logical axis rules for {list(LOGICAL_AXES)}: "
-                    "wrap it in nnx.logical_axis_rules(dit.logical_axis_rules(fsdp))"
+                    "wrap it in nnx.logical_axis_rules(sharding.logical_axis_rules(fsdp))"
                 )
 
     def param(self, init, shape, names):
@@ -291,7 +243,7 @@ class LabelEmbed(nnx.Module):
     def __call__(self, y):  # (B,) int -> (B, D)
         table = _use(self.embedding[...], self.dtype)
         y = y.astype(jnp.int32)
-        if _explicit_mesh():
+        if explicit_mesh():
             return table.at[y].get(out_sharding=jax.P(*jax.typeof(y).sharding.spec, None))
         return table[y]
 
@@ -314,11 +266,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x):  # (B, N, D)
         b, n, d = x.shape
-        qkv = _reshape(self.qkv(x), (b, n, 3, self.num_heads, d // self.num_heads))
+        qkv = reshape_batch(self.qkv(x), (b, n, 3, self.num_heads, d // self.num_heads))
         out = jax.nn.dot_product_attention(
             qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.impl
         )  # (B, N, heads, head_dim)
-        return self.proj(_reshape(out, (b, n, d)))
+        return self.proj(reshape_batch(out, (b, n, d)))
 
 
 class Mlp(nnx.Module):
@@ -450,3 +402,24 @@ def param_count(cfg: DiTConfig) -> int:
     abstract = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
     leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
     return int(sum(math.prod(leaf.shape) for leaf in leaves))
+
+
+# ----------------------------------------------------------------------------- pure apply
+def make_apply(graphdef, rest):
+    """apply(params, x, t, y) -> (v, s): the model as a pure function of its nnx.Param state."""
+
+    def apply(params, x, t, y):
+        return nnx.merge(graphdef, params, rest)(x, t, y)
+
+    return apply
+
+
+def init(cfg: DiTConfig, key):
+    """A fresh model split as (graphdef, params, rest); rest holds the fixed position embedding."""
+    return nnx.split(DiT(cfg, rngs=nnx.Rngs(key)), nnx.Param, ...)
+
+
+def from_params(cfg: DiTConfig, params: dict):
+    """(apply, params as nnx.State) for a pure nested dict of parameters (inference checkpoints)."""
+    graphdef, state, rest = nnx.split(load_params(DiT(cfg, rngs=nnx.Rngs(0)), params), nnx.Param, ...)
+    return make_apply(graphdef, rest), state

@@ -1,4 +1,4 @@
-"""Encode an image dataset into SD-VAE latents (ArrayRecord shards, see `patch_forcing.latents`).
+"""Encode an image dataset into SD-VAE latents (ArrayRecord shards, see `patch_forcing.data.latents`).
 
     python -m patch_forcing.tools.extract_latents --tfds=imagenet2012 \
         --tfds_manual_dir=/data/imagenet --out=/data/latents/train \
@@ -18,7 +18,6 @@ deterministic too.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import dataclasses
@@ -29,10 +28,20 @@ import os
 import sys
 from typing import Any, Callable, Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import flags
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from PIL import Image
+from tqdm import tqdm
 
-from patch_forcing import latents as L
+from patch_forcing import sharding
+from patch_forcing.data import latents
+from patch_forcing.models import vae as vae_lib
+from patch_forcing.tools import cli
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
@@ -86,7 +95,7 @@ class TfdsImages:
 
     def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
                  manual_dir: str | None = None):
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # optional: only for --tfds sources
 
         self._builder = tfds.builder(name, data_dir=data_dir)
         if not self._builder.is_prepared():  # array_record: random access below
@@ -125,10 +134,6 @@ class TfdsImages:
 
 def _encode_batch(graphdef, state, x, index, key, mode: str, flips: bool):
     """x uint8 (B, S, S, 3) -> (B, 2, h, w, c') with flips else (B, h, w, c'); c' = 2c for moments."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
     vae = nnx.merge(graphdef, state)
     s = vae.config.scale_factor
     x = x.astype(jnp.float32) / 127.5 - 1.0
@@ -151,8 +156,6 @@ def _encode_batch(graphdef, state, x, index, key, mode: str, flips: bool):
 @functools.cache
 def _jitted():
     """One jit cache across calls, so reruns in one process do not recompile."""
-    import jax
-
     return jax.jit(_encode_batch, static_argnames=("graphdef", "mode", "flips"))
 
 
@@ -190,10 +193,10 @@ class Options:
     progress: bool = True
 
     def check(self, num_devices: int) -> None:
-        if self.mode not in L.MODES:
-            raise ValueError(f"--mode={self.mode!r} is not one of {list(L.MODES)}")
-        if self.dtype not in L.DTYPES:
-            raise ValueError(f"--dtype={self.dtype!r} is not one of {list(L.DTYPES)}")
+        if self.mode not in latents.MODES:
+            raise ValueError(f"--mode={self.mode!r} is not one of {list(latents.MODES)}")
+        if self.dtype not in latents.DTYPES:
+            raise ValueError(f"--dtype={self.dtype!r} is not one of {list(latents.DTYPES)}")
         for name in ("image_size", "shard_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 1")
@@ -214,7 +217,7 @@ def _plan(source, vae, vae_name: str, opt: Options) -> dict[str, Any]:
     shape = [opt.image_size // f, opt.image_size // f, cfg.latent_channels]
     rec = shape[:2] + [shape[2] * (2 if opt.mode == "moments" else 1)]
     n = len(source)
-    meta = {"format_version": L.FORMAT_VERSION, "num_examples": n, "num_shards": max(1, -(-n // opt.shard_size)),
+    meta = {"format_version": latents.FORMAT_VERSION, "num_examples": n, "num_shards": max(1, -(-n // opt.shard_size)),
             "shard_size": opt.shard_size, "latent_shape": shape, "record_shape": ([2] if opt.flips else []) + rec,
             "dtype": opt.dtype, "scale_factor": cfg.scale_factor, "flips": opt.flips, "mode": opt.mode,
             "seed": opt.seed, "image_size": opt.image_size,
@@ -228,33 +231,28 @@ def _finished(out: str, meta: dict[str, Any]) -> dict[int, dict[str, Any]]:
     listed = {s["name"]: s for s in meta["shards"]}
     done = {}
     for i in range(meta["num_shards"]):
-        name = L.shard_name(i, meta["num_shards"])
+        name = latents.shard_name(i, meta["num_shards"])
         path = os.path.join(out, name)
         if not os.path.isfile(path):
             continue
         want = min(meta["shard_size"], meta["num_examples"] - i * meta["shard_size"])
         if name in listed:
             done[i] = listed[name]
-        elif L.count_records(path) == want:  # renamed, but the crash came before the metadata update
-            done[i] = {"name": name, "num_examples": want, "sha256": L.file_sha256(path)}
+        elif latents.count_records(path) == want:  # renamed, but the crash came before the metadata update
+            done[i] = {"name": name, "num_examples": want, "sha256": latents.file_sha256(path)}
     return done
 
 
 def extract(source, out: str, vae, vae_name: str = "", options: Options = Options(),
             on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Encode `source` into `out` (resuming a previous run); returns the metadata."""
-    import jax
-    from flax import nnx
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from tqdm import tqdm
-
     devices = jax.local_devices()
     options.check(len(devices))
     os.makedirs(out, exist_ok=True)
     meta = _plan(source, vae, vae_name, options)
-    meta_path = os.path.join(out, L.METADATA)
+    meta_path = os.path.join(out, latents.METADATA)
     if os.path.isfile(meta_path):
-        old = L.read_metadata(out)
+        old = latents.read_metadata(out)
         for k in _SETTINGS:
             if old.get(k) != meta[k]:
                 raise ValueError(f"--out={out!r} holds latents with {k}={old.get(k)!r}, this run has {meta[k]!r}; "
@@ -267,10 +265,10 @@ def extract(source, out: str, vae, vae_name: str = "", options: Options = Option
             os.remove(os.path.join(out, name))  # half-written by an interrupted run
     done = _finished(out, meta)
     meta["shards"] = [done[i] for i in sorted(done)]
-    L.write_metadata(out, meta)
+    latents.write_metadata(out, meta)
 
-    mesh = Mesh(np.array(devices), ("data",))
-    data, repl = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    mesh = sharding.flat_mesh(devices)
+    data, repl = sharding.batch_sharding(mesh), NamedSharding(mesh, P())
     graphdef, state = nnx.split(vae)
     state = jax.device_put(state, repl)
     key = jax.random.key(options.seed)
@@ -281,7 +279,7 @@ def extract(source, out: str, vae, vae_name: str = "", options: Options = Option
                disable=not options.progress, desc="latents")
     with concurrent.futures.ThreadPoolExecutor(options.workers or os.cpu_count() or 1) as pool:
         for i in todo:
-            writer = L.ShardWriter(out, L.shard_name(i, meta["num_shards"]))
+            writer = latents.ShardWriter(out, latents.shard_name(i, meta["num_shards"]))
             try:
                 for imgs, labels, index in _batches(source, i * k, min((i + 1) * k, n), bs, options.image_size,
                                                     pool):
@@ -299,7 +297,7 @@ def extract(source, out: str, vae, vae_name: str = "", options: Options = Option
                 writer.abort()
                 raise
             meta["shards"] = [done[j] for j in sorted(done)]
-            L.write_metadata(out, meta)
+            latents.write_metadata(out, meta)
             if on_shard is not None:
                 on_shard(i)
     bar.close()
@@ -307,48 +305,45 @@ def extract(source, out: str, vae, vae_name: str = "", options: Options = Option
 
 
 # ----------------------------------------------------------------------------- CLI
+FLAGS = flags.FlagValues()
+_D = Options()
+flags.DEFINE_string("images", None, "Image folder with one subfolder per class.", flag_values=FLAGS)
+flags.DEFINE_string("tfds", None, "tfds dataset name, e.g. imagenet2012.", flag_values=FLAGS)
+flags.DEFINE_string("split", "train", "tfds split.", flag_values=FLAGS)
+flags.DEFINE_string("tfds_data_dir", None, "tfds data_dir.", flag_values=FLAGS)
+flags.DEFINE_string("tfds_manual_dir", None, "Folder with ImageNet's downloaded tars.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output latent directory (resumed if it exists).", flag_values=FLAGS)
+flags.DEFINE_string("vae_path", None, "diffusion_pytorch_model.safetensors or its folder (default: env "
+                    "PF_VAE_WEIGHTS, else the Hugging Face hub).", flag_values=FLAGS)
+flags.DEFINE_string("vae_repo", vae_lib.DEFAULT_REPO, "Hugging Face repo of the VAE.", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", _D.image_size, "Centre-crop size.", flag_values=FLAGS)
+flags.DEFINE_integer("shard_size", _D.shard_size, "Examples per shard.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", _D.batch_size, "Images per step (x2 with flips).", flag_values=FLAGS)
+flags.DEFINE_enum("mode", _D.mode, list(latents.MODES), "Posterior mean, a sample, or both moments.",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("dtype", _D.dtype, list(latents.DTYPES), "Stored dtype.", flag_values=FLAGS)
+flags.DEFINE_bool("flips", _D.flips, "Also encode the horizontal mirror (--noflips: only the image).",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("seed", _D.seed, "Posterior sampling seed (--mode=sample).", flag_values=FLAGS)
+flags.DEFINE_integer("workers", _D.workers, "Image decoding threads (0: all cores).", flag_values=FLAGS)
+flags.DEFINE_integer("max_shards", None, "Write at most this many shards, then stop.", flag_values=FLAGS)
+flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=FLAGS)
+flags.mark_flag_as_required("out", flag_values=FLAGS)
+flags.mark_flags_as_mutual_exclusive(["images", "tfds"], required=True, flag_values=FLAGS)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m patch_forcing.tools.extract_latents",
-                                description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="image folder with one subfolder per class")
-    src.add_argument("--tfds", help="tfds dataset name, e.g. imagenet2012")
-    p.add_argument("--split", default="train", help="tfds split")
-    p.add_argument("--tfds_data_dir", default=None)
-    p.add_argument("--tfds_manual_dir", default=None, help="folder with ImageNet's downloaded tars")
-    p.add_argument("--out", required=True, help="output latent directory (resumed if it exists)")
-    p.add_argument("--vae_path", default=None, help="diffusion_pytorch_model.safetensors or its folder "
-                   "(default: env PF_VAE_WEIGHTS, else the Hugging Face hub)")
-    p.add_argument("--vae_repo", default="stabilityai/sd-vae-ft-ema")
-    d = Options()
-    p.add_argument("--image_size", type=int, default=d.image_size)
-    p.add_argument("--shard_size", type=int, default=d.shard_size)
-    p.add_argument("--batch_size", type=int, default=d.batch_size, help="images per step (x2 with flips)")
-    p.add_argument("--mode", default=d.mode, choices=L.MODES)
-    p.add_argument("--dtype", default=d.dtype, choices=L.DTYPES)
-    p.add_argument("--no_flips", action="store_true", help="encode only the unflipped image")
-    p.add_argument("--seed", type=int, default=d.seed, help="posterior sampling seed (--mode=sample)")
-    p.add_argument("--workers", type=int, default=d.workers, help="image decoding threads (0: all cores)")
-    p.add_argument("--max_shards", type=int, default=None, help="write at most this many shards, then stop")
-    p.add_argument("--no_progress", action="store_true")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> dict[str, Any]:
-    args = parse_args(argv)
-    from patch_forcing import vae as V
-
-    source = ImageFolder(args.images) if args.images else TfdsImages(
-        args.tfds, args.split, args.tfds_data_dir, args.tfds_manual_dir)
-    vae = V.load_vae(args.vae_repo, local_path=args.vae_path)
-    opt = Options(image_size=args.image_size, shard_size=args.shard_size, batch_size=args.batch_size,
-                  mode=args.mode, dtype=args.dtype, flips=not args.no_flips, seed=args.seed, workers=args.workers,
-                  max_shards=args.max_shards, progress=not args.no_progress)
-    name = args.vae_path or os.environ.get(V.ENV_WEIGHTS) or args.vae_repo
-    meta = extract(source, args.out, vae, name, opt)
-    print(f"{len(meta['shards'])}/{meta['num_shards']} shards in {args.out}", file=sys.stderr)
+def main(argv) -> dict[str, Any]:
+    cli.parse(FLAGS, argv, __doc__)
+    f = FLAGS
+    source = ImageFolder(f.images) if f.images else TfdsImages(f.tfds, f.split, f.tfds_data_dir,
+                                                               f.tfds_manual_dir)
+    vae = vae_lib.load_vae(f.vae_repo, local_path=f.vae_path)
+    opt = Options(image_size=f.image_size, shard_size=f.shard_size, batch_size=f.batch_size, mode=f.mode,
+                  dtype=f.dtype, flips=f.flips, seed=f.seed, workers=f.workers, max_shards=f.max_shards,
+                  progress=f.progress)
+    name = f.vae_path or os.environ.get(vae_lib.ENV_WEIGHTS) or f.vae_repo
+    meta = extract(source, f.out, vae, name, opt)
+    print(f"{len(meta['shards'])}/{meta['num_shards']} shards in {f.out}", file=sys.stderr)
     return meta
 
 
@@ -356,4 +351,4 @@ if __name__ == "__main__":
     _flags = os.environ.get("XLA_FLAGS", "")
     if "xla_gpu_deterministic_ops" not in _flags:  # byte-identical reruns on GPU too (read at backend start)
         os.environ["XLA_FLAGS"] = (_flags + " --xla_gpu_deterministic_ops=true").strip()
-    main()
+    cli.run(main)

@@ -1,0 +1,429 @@
+"""Input pipeline on grain: random-access sources, the training iterator, eval batches.
+
+Batches are dicts of numpy arrays: `image` float32 (B_local, H, W, C) NHWC, in [-1, 1] for pixel
+data (latents as stored, already scaled), and `label` int32 (B_local,). Sources (`data.name`):
+'digits' (sklearn's bundled 8x8 digits), 'mnist' (IDX files or tfds), 'tfds', 'latents'
+(`data.latents.LatentSource`; a stored flip pair is the hflip augmentation) and 'arrays' (.npz).
+Splits are tfds-style strings: 'test', 'test[:8000]', 'train[10%:]', 'test[-2000:]'.
+
+What a reader must know: the training stream is shuffle(seed) -> repeat -> per-example randomness
+seeded by (seed, global index) -> host shard [process_index::process_count] -> batch, so the
+union over hosts of their k-th batches is exactly the k-th global batch of a 1-host run, and the
+iterator's state (`get_state`/`set_state`, checkpointed by `checkpoint.py`) resumes it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import re
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+from sklearn.datasets import load_digits
+
+from patch_forcing.data import latents
+
+__all__ = [
+    "NAMES",
+    "ArraySource",
+    "check_config",
+    "parse_split",
+    "load_digits_arrays",
+    "read_idx",
+    "make_source",
+    "make_train_iterator",
+    "make_eval_batches",
+]
+
+NAMES = ("digits", "mnist", "tfds", "latents", "arrays")
+MNIST_SOURCES = ("auto", "tfds", "idx")
+DIGITS_TRAIN = 1500  # digits 'train' = first 1500 images, 'test' = the remaining 297
+_REQUIRED = object()
+_SPLIT_RE = re.compile(r"^([A-Za-z0-9_\-]*)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?$")
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_MNIST_FILES = {"train": "train-{}-idx{}-ubyte", "test": "t10k-{}-idx{}-ubyte"}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _get(cfg, field: str, default: Any = _REQUIRED):
+    value = cfg.get(field, None) if hasattr(cfg, "get") else getattr(cfg, field, None)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"data.{field} is required")
+        return default
+    return value
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _image_size(cfg) -> tuple[int, int] | None:
+    size = _get(cfg, "image_size", None)
+    if size is None:
+        return None
+    size = (size, size) if _is_int(size) else tuple(size)
+    if len(size) != 2 or not all(_is_int(s) and s > 0 for s in size):
+        raise ValueError(f"data.image_size={size!r} must be an int or (H, W) of positive ints")
+    return int(size[0]), int(size[1])
+
+
+def check_config(data_cfg, process_count: int = 1) -> None:
+    """Validates the `data` config block (cheap; raises a one-line ValueError per field)."""
+    name = _get(data_cfg, "name")
+    if name not in NAMES:
+        raise ValueError(f"data.name={name!r} is not one of {list(NAMES)}")
+    source = _get(data_cfg, "source", "auto")
+    if source not in MNIST_SOURCES:
+        raise ValueError(f"data.source={source!r} is not one of {list(MNIST_SOURCES)}")
+    if name == "tfds":
+        _get(data_cfg, "tfds_name")
+    for field in ("split_train", "split_eval"):
+        split = _get(data_cfg, field, None)
+        if split is not None and not isinstance(split, str):
+            raise ValueError(f"data.{field}={split!r} must be a split string like 'test[:8000]'")
+        if split is not None and name != "tfds" and not _SPLIT_RE.match(split):
+            raise ValueError(f"data.{field}={split!r} must look like 'name', 'name[a:b]' or "
+                             "'name[a%:b%]'")
+    _image_size(data_cfg)
+    pad = _get(data_cfg, "pad", 0)
+    if not _is_int(pad) or pad < 0:
+        raise ValueError(f"data.pad={pad!r} must be an int >= 0")
+    if name == "latents" and pad:
+        raise ValueError(f"data.pad={pad!r} must be 0 for data.name='latents'")
+    hflip = _get(data_cfg, "hflip", False)
+    if not isinstance(hflip, (bool, np.bool_)):
+        raise ValueError(f"data.hflip={hflip!r} must be True or False")
+    batch = _get(data_cfg, "batch_size")
+    if not _is_int(batch) or batch <= 0 or batch % process_count:
+        raise ValueError(f"data.batch_size={batch!r} must be a positive int divisible by the "
+                         f"process count {process_count}")
+    for field, low in (("num_classes", 1), ("channels", 1), ("num_workers", 0)):
+        value = _get(data_cfg, field, low)
+        if not _is_int(value) or value < low:
+            raise ValueError(f"data.{field}={value!r} must be an int >= {low}")
+
+
+def parse_split(split: str) -> tuple[str, str | None, str | None]:
+    """'test[:8000]' -> ('test', None, '8000'); bounds may be negative or percentages."""
+    m = _SPLIT_RE.match(split)
+    if not m:
+        raise ValueError(f"split={split!r} must look like 'name', 'name[a:b]' or 'name[a%:b%]'")
+    return m.group(1), m.group(2), m.group(3)
+
+
+def _resolve_bound(bound: str | None, n: int, default: int) -> int:
+    if bound is None:
+        return default
+    k = int(round(float(bound[:-1]) * n / 100)) if bound.endswith("%") else int(bound)
+    return min(max(k + n if k < 0 else k, 0), n)
+
+
+def _slice(split: str, n: int) -> slice:
+    _, a, b = parse_split(split)
+    return slice(_resolve_bound(a, n, 0), _resolve_bound(b, n, n))
+
+
+# ----------------------------------------------------------------------------- raw data
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's bundled digits: images uint8 (1797, 8, 8, 1) in 0..16, labels int32 (1797,)."""
+    d = load_digits()
+    return d.images.astype(np.uint8)[..., None], d.target.astype(np.int32)
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Reads an IDX file (gzip or raw), e.g. MNIST images (N, 28, 28) uint8 or labels (N,)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()!r}; expected "
+                         "00 00 <dtype code> <ndim>, e.g. 00000803 for MNIST images)")
+    ndim, dtype = raw[3], np.dtype(_IDX_DTYPES[raw[2]])
+    header = 4 + 4 * ndim
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    if len(raw) != header + int(np.prod(dims)) * dtype.itemsize:
+        raise ValueError(f"{path}: IDX header says shape {dims} of {dtype} but the file holds "
+                         f"{len(raw) - header} data bytes")
+    return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _idx_file(directory: str, base: str, kind: str, ndim: int) -> str | None:
+    stem = os.path.join(directory, _MNIST_FILES[base].format(kind, ndim))
+    for path in (stem + ".gz", stem):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class ArraySource:
+    """Random-access source over in-memory arrays: record i = {'image': x[i], 'label': y[i]}."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        if len(images) != len(labels):
+            raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in length")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": self.labels[i]}
+
+    def __repr__(self) -> str:
+        return f"ArraySource(images={self.images.shape}, labels={self.labels.shape})"
+
+
+class _View:
+    """Contiguous sub-range of another source, records renamed to {'image', 'label'}."""
+
+    def __init__(self, source, rng: slice, key: str = "image"):
+        self.source, self.start, self.key = source, rng.start, key
+        self.length = max(rng.stop - rng.start, 0)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i):
+        record = self.source[self.start + int(i)]
+        return {"image": record[self.key], "label": record["label"]}
+
+    def __repr__(self) -> str:
+        return f"_View({self.source!r}, start={self.start}, length={self.length})"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Raw:
+    source: Any  # random access, records {'image', 'label'}
+    shape: tuple  # (h, w, c) as stored (latents: one element of a flip pair)
+    pixel_max: float | None  # 16 / 255 scale to [-1, 1]; None = use as stored
+    num_classes: int | None
+    name: str
+    moments: bool = False  # latents stored as [mean, logvar] channels: sample (train) / mean (eval)
+
+
+def _tfds_source(name: str, split: str, data_dir: str | None, raise_missing: bool = True):
+    import tensorflow_datasets as tfds  # optional: only for tfds sources (absent on the GPU image)
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except Exception as e:  # DatasetNotFoundError lists every tfds dataset: keep one line
+        raise ValueError(f"tfds dataset {name!r} is unknown to tensorflow_datasets "
+                         f"({type(e).__name__})") from None
+    if not builder.is_prepared():
+        if not raise_missing:
+            return None
+        raise FileNotFoundError(
+            f"tfds dataset {name!r} is not prepared in data_dir={builder.data_dir!r}; prepare it "
+            f"on a machine with network (tfds.builder({name!r}, file_format='array_record')"
+            ".download_and_prepare()) and point data.data_dir at it")
+    try:
+        src = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    except NotImplementedError as e:
+        raise FileNotFoundError(f"tfds dataset {name!r} is prepared without random access "
+                                f"(needs array_record or parquet): {str(e).splitlines()[0]}") from None
+    feats = builder.info.features
+    img = feats["image"]
+    if img.shape is None or None in tuple(img.shape):
+        raise ValueError(f"tfds dataset {name!r} has variable image shape {img.shape}; "
+                         "data.name='tfds' needs fixed-size images")
+    num_classes = getattr(feats["label"], "num_classes", None) if "label" in feats else None
+    pixel_max = 255.0 if np.dtype(img.np_dtype) == np.uint8 else None
+    shape = tuple(img.shape) + (1,) * (3 - len(img.shape))
+    return _Raw(src, shape, pixel_max, num_classes, name)
+
+
+def _mnist_source(cfg, split: str) -> _Raw:
+    base, data_dir, mode = parse_split(split)[0], _get(cfg, "data_dir", ""), _get(cfg, "source", "auto")
+    if mode == "tfds":
+        return _tfds_source("mnist", split, data_dir)
+    if mode == "auto":
+        try:  # tfds when prepared (with random access), else the IDX files below
+            raw = _tfds_source("mnist", split, data_dir, raise_missing=False)
+        except FileNotFoundError:
+            raw = None
+        if raw is not None:
+            return raw
+    if base not in _MNIST_FILES:
+        raise ValueError(f"data split {split!r}: MNIST split must be one of {list(_MNIST_FILES)}")
+    images_path = _idx_file(data_dir, base, "images", 3) if data_dir else None
+    labels_path = _idx_file(data_dir, base, "labels", 1) if data_dir else None
+    if images_path is None or labels_path is None:
+        raise FileNotFoundError(
+            f"MNIST {base!r} not found: no prepared tfds 'mnist' (data.source='tfds') and no IDX "
+            f"files {_MNIST_FILES[base].format('images', 3)}[.gz] + labels in data.data_dir="
+            f"{data_dir!r} (data.source='idx'); getting either needs network")
+    images, labels = read_idx(images_path), read_idx(labels_path).astype(np.int32)
+    s = _slice(split, len(images))
+    return _Raw(ArraySource(images[s, ..., None], labels[s]), (*images.shape[1:], 1), 255.0, 10,
+                "mnist")
+
+
+def _arrays_source(cfg, split: str) -> _Raw:
+    path, base = _get(cfg, "data_dir"), parse_split(split)[0]
+    with np.load(path) as f:
+        prefix = f"{base}_" if f"{base}_images" in f.files else ""
+        if f"{prefix}images" not in f.files or f"{prefix}labels" not in f.files:
+            raise ValueError(f"data.data_dir={path!r} must be an .npz with 'images' and 'labels' "
+                             f"(or '{base}_images', '{base}_labels')")
+        images, labels = f[f"{prefix}images"], f[f"{prefix}labels"].astype(np.int32)
+    images = images[..., None] if images.ndim == 3 else images
+    s = _slice(split, len(images))
+    n_cls = int(labels.max()) + 1 if len(labels) else None
+    pixel_max = 255.0 if images.dtype == np.uint8 else None
+    return _Raw(ArraySource(images[s], labels[s]), images.shape[1:], pixel_max, n_cls, "arrays")
+
+
+def _latent_source(cfg, split: str) -> _Raw:
+    data_dir, base = _get(cfg, "data_dir"), parse_split(split)[0]
+    sub = os.path.join(data_dir, base) if base else data_dir
+    src = latents.LatentSource(sub if os.path.isdir(sub) else data_dir)
+    meta = getattr(src, "metadata", {})
+    moments = meta.get("mode") == "moments"
+    h, w, c = tuple(np.shape(src[0]["latent"]))[-3:]
+    n_cls = len(meta["classes"]) if meta.get("classes") else None
+    return _Raw(_View(src, _slice(split, len(src)), key="latent"), (h, w, c // 2 if moments else c),
+                None, n_cls, "latents", moments)
+
+
+def _raw_source(cfg, split: str) -> _Raw:
+    name = _get(cfg, "name")
+    if name == "digits":
+        images, labels = load_digits_arrays()
+        base = parse_split(split)[0]
+        parts = {"train": slice(0, DIGITS_TRAIN), "test": slice(DIGITS_TRAIN, None),
+                 "all": slice(None), "": slice(None)}
+        if base not in parts:
+            raise ValueError(f"digits split {split!r}: base must be one of ['train', 'test', 'all']")
+        images, labels = images[parts[base]], labels[parts[base]]
+        s = _slice(split, len(images))
+        return _Raw(ArraySource(images[s], labels[s]), (8, 8, 1), 16.0, 10, "digits")
+    if name == "mnist":
+        return _mnist_source(cfg, split)
+    if name == "tfds":
+        return _tfds_source(_get(cfg, "tfds_name"), split, _get(cfg, "data_dir", ""))
+    if name == "latents":
+        return _latent_source(cfg, split)
+    return _arrays_source(cfg, split)
+
+
+def _checked_raw(cfg, split: str) -> tuple[_Raw, dict]:
+    raw = _raw_source(cfg, split)
+    pad = _get(cfg, "pad", 0)
+    shape = (raw.shape[0] + 2 * pad, raw.shape[1] + 2 * pad, raw.shape[2])
+    want = _image_size(cfg)
+    if want is not None and want != shape[:2]:
+        raise ValueError(f"data.image_size={want} must equal the stored size {raw.shape[:2]} plus "
+                         f"2*data.pad={2 * pad}, i.e. {shape[:2]}")
+    channels = _get(cfg, "channels", None)
+    if channels is not None and channels != shape[2]:
+        raise ValueError(f"data.channels={channels} but {raw.name!r} has {shape[2]} channels")
+    num_classes = _get(cfg, "num_classes", None)
+    if num_classes is not None and raw.num_classes is not None and raw.num_classes > num_classes:
+        raise ValueError(f"data.num_classes={num_classes} but {raw.name!r} has {raw.num_classes}")
+    meta = dict(image_shape=shape, num_classes=raw.num_classes or num_classes,
+                num_examples=len(raw.source), name=raw.name)
+    return raw, meta
+
+
+def make_source(data_cfg, split: str):
+    """Returns (random-access source of raw records {'image', 'label'}, meta).
+
+    meta = dict(image_shape=(H, W, C) after padding, num_classes, num_examples, name).
+    """
+    check_config(data_cfg)
+    raw, meta = _checked_raw(data_cfg, split)
+    return raw.source, meta
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preprocess:
+    """Record -> {'image': float32 (H, W, C), 'label': int32}; picklable for grain workers."""
+
+    pixel_max: float | None
+    pad: int
+    hflip: bool
+    moments: bool = False
+
+    def __call__(self, record, rng: np.random.Generator | None = None):
+        x = np.asarray(record["image"])
+        flip = rng is not None and self.hflip and rng.random() < 0.5
+        if x.ndim == 4:  # latent flip pair (2, h, w, c): element 1 is the flipped image's latent
+            x, flip = x[int(flip)], False
+        x = x.astype(np.float32)
+        if self.moments:  # [mean, logvar]: a posterior sample when training, the mean for eval
+            mean, logvar = np.split(x, 2, axis=-1)
+            eps = rng.standard_normal(mean.shape, dtype=np.float32) if rng is not None else 0.0
+            x = mean + np.exp(0.5 * logvar) * eps
+        if self.pixel_max is not None:
+            x = x * np.float32(2.0 / self.pixel_max) - np.float32(1.0)
+        if flip:
+            x = x[:, ::-1]
+        if self.pad:
+            x = np.pad(x, ((self.pad, self.pad), (self.pad, self.pad), (0, 0)), constant_values=-1.0)
+        return {"image": np.ascontiguousarray(x), "label": np.int32(record["label"])}
+
+
+def make_train_iterator(data_cfg, seed: int, process_index: int = 0, process_count: int = 1):
+    """Infinite, deterministic grain iterator of host-local batches (B_local = B // P).
+
+    Supports `get_state()` / `set_state()`; see the module docstring for orbax.
+    """
+    check_config(data_cfg, process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+    raw, _ = _checked_raw(data_cfg, _get(data_cfg, "split_train"))
+    if len(raw.source) < process_count:
+        raise ValueError(f"data.split_train has {len(raw.source)} examples, fewer than the "
+                         f"{process_count} processes")
+    pre = _Preprocess(raw.pixel_max, _get(data_cfg, "pad", 0), bool(_get(data_cfg, "hflip", False)),
+                      raw.moments)
+    ds = grain.MapDataset.source(raw.source).shuffle(seed=seed).repeat()
+    ds = ds.random_map(pre, seed=seed)[process_index::process_count]
+    ds = ds.batch(_get(data_cfg, "batch_size") // process_count, drop_remainder=True)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    workers = _get(data_cfg, "num_workers", 0)
+    if workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain <= 0.2.x reads absl flags (google/grain#1355)
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it)
+
+
+def make_eval_batches(data_cfg, split: str, num_examples: int | None = None,
+                      batch_size: int | None = None, process_index: int = 0,
+                      process_count: int = 1):
+    """Deterministic finite batches of a split (no shuffle, no flip), re-iterable.
+
+    The first `num_examples` (default all) examples in stored order, `batch_size` (default
+    data.batch_size) global, each process taking positions process_index::process_count.
+    The last batch is partial when batch_size does not divide num_examples.
+    """
+    check_config(data_cfg, process_count)
+    raw, meta = _checked_raw(data_cfg, split)
+    n = meta["num_examples"] if num_examples is None else num_examples
+    if not _is_int(n) or not 0 < n <= meta["num_examples"]:
+        raise ValueError(f"num_examples={n!r} must be in [1, {meta['num_examples']}] for "
+                         f"split {split!r}")
+    batch_size = _get(data_cfg, "batch_size") if batch_size is None else batch_size
+    if not _is_int(batch_size) or batch_size <= 0 or batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive int divisible by "
+                         f"{process_count}")
+    pre = _Preprocess(raw.pixel_max, _get(data_cfg, "pad", 0), False, raw.moments)
+    ds = grain.MapDataset.source(raw.source)[:n].map(pre)[process_index::process_count]
+    return ds.batch(batch_size // process_count)

@@ -1,0 +1,54 @@
+"""Named model sizes and the reference's default hyper-parameters, as plain Python.
+
+Config files (configs/*.py) read their defaults here without importing JAX; the modules that
+compute (models/dit.py, flow/timesteps.py, flow/samplers.py) take theirs from here too, so each
+number lives in one place. Values are the authors' release (github.com/CompVis/patch-forcing).
+"""
+
+from __future__ import annotations
+
+# ----------------------------------------------------------------------------- DiT sizes
+# name: (depth, hidden_size, num_heads); Tiny is for CPU runs (digits, MNIST)
+DIT_SIZES = {"Tiny": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
+             "XL": (28, 1152, 16)}
+DIT_PATCHES = {"Tiny": (1, 2, 4), "S": (2, 4, 8), "B": (2, 4, 8), "L": (2, 4, 8), "XL": (2, 4, 8)}
+DIT_PRESETS = tuple(
+    f"{kind}-{size}/{p}" for kind in ("PF", "DiT") for size in DIT_SIZES for p in DIT_PATCHES[size])
+# Every DiTConfig field a preset leaves at its default (ImageNet-256 latents: 32x32x4, 1000 classes).
+DIT_DEFAULTS = dict(image_size=(32, 32), in_channels=4, mlp_ratio=4.0, num_classes=1000,
+                    dtype="float32", attention_impl=None)
+
+
+def dit_fields(name: str, **overrides) -> dict:
+    """All DiTConfig fields of preset `name` ('PF-B/2' per-patch, 'DiT-B/2' global), overridden."""
+    if name not in DIT_PRESETS:
+        raise ValueError(f"model preset={name!r} is not one of {list(DIT_PRESETS)}")
+    kind, rest = name.split("-", 1)
+    size, p = rest.split("/")
+    depth, width, heads = DIT_SIZES[size]
+    fields = dict(DIT_DEFAULTS, patch_size=int(p), hidden_size=width, depth=depth, num_heads=heads,
+                  per_patch=(kind == "PF"))
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"preset override {unknown[0]!r} is not a DiTConfig field; allowed: {sorted(fields)}")
+    fields.update(overrides)
+    if isinstance(fields["image_size"], int):
+        fields["image_size"] = (fields["image_size"],) * 2
+    return fields
+
+
+# ----------------------------------------------------------------------------- training times
+# Training timestep sampler name -> its parameters' defaults (flow/timesteps.py).
+TIMESTEP_PARAMS = {
+    "uniform": {},
+    "logit_normal": {"loc": 0.0, "scale": 1.0},
+    "independent": {},
+    "srm": {"sharpness": 1.0},
+    "gaussian": {"std": 0.2},
+    "truncated_gaussian": {"std": 0.2},
+    "ltg": {"std": 0.6, "loc": 0.7, "scale": 1.0},
+}
+
+# ----------------------------------------------------------------------------- samplers
+# flow/samplers.py SamplerConfig defaults: dual_loop q 0.4, n_inner 4; look_ahead q 0.4, ratio 1.4.
+SAMPLER = dict(name="euler_pf", steps=50, cfg_scale=1.0, q=0.4, n_inner=4, ratio=1.4, pool="mean")
