@@ -29,17 +29,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.core import meta, spmd
 
 from patch_forcing import presets
-from patch_forcing.flow.interpolant import patchify, unpatchify
-from patch_forcing.sharding import explicit_mesh, reshape_batch
+from patch_forcing.flow.interpolant import unpatchify
+from patch_forcing.models import layers
+from patch_forcing.models.layers import Attention, FixedEmbedding, PatchEmbed, layer_norm, use
+from patch_forcing.sharding import explicit_mesh
 
 FREQ_DIM = 256  # sinusoidal time-embedding size
 MAX_PERIOD = 10000.0
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
-LOGICAL_AXES = ("embed", "mlp", "vocab")
 
 
 # ----------------------------------------------------------------------------- config
@@ -154,14 +154,6 @@ def timestep_embedding(t: jnp.ndarray, dim: int = FREQ_DIM) -> jnp.ndarray:
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-def layer_norm(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
-    """LayerNorm without affine, computed in float32, returned in x's dtype."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-
-
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
@@ -169,79 +161,15 @@ def modulate(x, shift, scale):
 # ----------------------------------------------------------------------------- modules
 
 
-class FixedEmbedding(nnx.Variable):
-    """A constant, non-trainable array stored with the model (not an nnx.Param)."""
-
-
-def _use(w: jnp.ndarray, dtype) -> jnp.ndarray:
-    """A weight cast to the compute dtype; under an Explicit-axes mesh also all-gathered
-    (replicated) first, FSDP-style. Under Auto axes XLA's sharding propagation does this."""
-    w = w.astype(dtype)
-    return jax.sharding.reshard(w, jax.P()) if explicit_mesh() else w
-
-
-class _Factory:
-    """Holds the compute dtype, the rngs and whether annotations shard eagerly."""
-
-    def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
-        self.rngs = rngs
-        self.dtype = jnp.dtype(cfg.dtype)
-        # Annotations shard eagerly only under a mesh (flax default); without one they are metadata.
-        self.eager = nnx.using_eager_sharding() and meta.global_mesh_defined()
-        if self.eager:
-            names = {name for name, _ in spmd.get_logical_axis_rules()}
-            if not set(LOGICAL_AXES) <= names:
-                raise ValueError(
-                    f"building DiT under a mesh needs logical axis rules for {list(LOGICAL_AXES)}: "
-                    "wrap it in nnx.logical_axis_rules(sharding.logical_axis_rules(fsdp))"
-                )
-
-    def param(self, init, shape, names):
-        init = nnx.with_partitioning(init, names, eager_sharding=self.eager)
-        return nnx.Param(init(self.rngs.params(), shape, jnp.float32))
-
-    def linear(self, d_in, d_out, names, kernel_init=None):
-        return Dense(self, d_in, d_out, names, kernel_init or nnx.initializers.xavier_uniform())
-
-
-class Dense(nnx.Module):
-    """y = x @ kernel + bias; kernel (d_in, d_out) float32, computed in the model dtype."""
-
-    def __init__(self, f: _Factory, d_in, d_out, names, kernel_init):
-        self.dtype = f.dtype
-        self.kernel = f.param(kernel_init, (d_in, d_out), names)
-        self.bias = f.param(nnx.initializers.zeros_init(), (d_out,), names[1:])
-
-    def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), _use(self.kernel[...], self.dtype))
-        return y + _use(self.bias[...], self.dtype)
-
-
-class PatchEmbed(nnx.Module):
-    """A p x p, stride-p convolution as a linear map on (p, p, C)-ordered patches: kernel
-    (p, p, C, D), initialised like a linear on the flattened kernel (xavier, fan p*p*C -> D)."""
-
-    def __init__(self, f: _Factory, p: int, c: int, d: int):
-        self.p, self.dtype = p, f.dtype
-        init = nnx.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
-        self.kernel = f.param(init, (p, p, c, d), (None, None, None, "embed"))
-        self.bias = f.param(nnx.initializers.zeros_init(), (d,), ("embed",))
-
-    def __call__(self, x):  # (B, H, W, C) -> (B, N, D)
-        tokens = patchify(x.astype(self.dtype), self.p)  # (B, N, p*p*C)
-        kernel = _use(self.kernel[...], self.dtype)
-        return jnp.dot(tokens, kernel.reshape(-1, kernel.shape[-1])) + _use(self.bias[...], self.dtype)
-
-
 class LabelEmbed(nnx.Module):
     """Class table with num_classes + 1 rows; the last row is the null class (CFG)."""
 
-    def __init__(self, f: _Factory, rows: int, d: int):
+    def __init__(self, f: layers.Factory, rows: int, d: int):
         self.dtype = f.dtype
         self.embedding = f.param(nnx.initializers.normal(0.02), (rows, d), ("vocab", "embed"))
 
     def __call__(self, y):  # (B,) int -> (B, D)
-        table = _use(self.embedding[...], self.dtype)
+        table = use(self.embedding[...], self.dtype)
         y = y.astype(jnp.int32)
         if explicit_mesh():
             return table.at[y].get(out_sharding=jax.P(*jax.typeof(y).sharding.spec, None))
@@ -249,7 +177,7 @@ class LabelEmbed(nnx.Module):
 
 
 class TimestepEmbedder(nnx.Module):
-    def __init__(self, f: _Factory, d: int):
+    def __init__(self, f: layers.Factory, d: int):
         init = nnx.initializers.normal(0.02)
         self.fc1 = f.linear(FREQ_DIM, d, (None, "embed"), init)
         self.fc2 = f.linear(d, d, (None, "embed"), init)
@@ -258,23 +186,8 @@ class TimestepEmbedder(nnx.Module):
         return self.fc2(nnx.silu(self.fc1(timestep_embedding(t))))
 
 
-class Attention(nnx.Module):
-    def __init__(self, f: _Factory, d: int, num_heads: int, impl: str | None):
-        self.num_heads, self.impl = num_heads, impl
-        self.qkv = f.linear(d, 3 * d, ("embed", "mlp"))
-        self.proj = f.linear(d, d, (None, "embed"))
-
-    def __call__(self, x):  # (B, N, D)
-        b, n, d = x.shape
-        qkv = reshape_batch(self.qkv(x), (b, n, 3, self.num_heads, d // self.num_heads))
-        out = jax.nn.dot_product_attention(
-            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.impl
-        )  # (B, N, heads, head_dim)
-        return self.proj(reshape_batch(out, (b, n, d)))
-
-
 class Mlp(nnx.Module):
-    def __init__(self, f: _Factory, d: int, hidden: int):
+    def __init__(self, f: layers.Factory, d: int, hidden: int):
         self.fc1 = f.linear(d, hidden, ("embed", "mlp"))
         self.fc2 = f.linear(hidden, d, ("mlp", "embed"))
 
@@ -285,7 +198,7 @@ class Mlp(nnx.Module):
 class DiTBlock(nnx.Module):
     """adaLN-Zero block; c is (B, N, D) per token or (B, 1, D) per sample."""
 
-    def __init__(self, f: _Factory, cfg: DiTConfig):
+    def __init__(self, f: layers.Factory, cfg: DiTConfig):
         d = cfg.hidden_size
         self.attn = Attention(f, d, cfg.num_heads, cfg.attention_impl)
         self.mlp = Mlp(f, d, int(d * cfg.mlp_ratio))
@@ -300,7 +213,7 @@ class DiTBlock(nnx.Module):
 
 
 class FinalLayer(nnx.Module):
-    def __init__(self, f: _Factory, cfg: DiTConfig):
+    def __init__(self, f: layers.Factory, cfg: DiTConfig):
         d, p = cfg.hidden_size, cfg.patch_size
         zeros = nnx.initializers.zeros_init()
         self.adaLN_modulation = f.linear(d, 2 * d, ("embed", "mlp"), zeros)
@@ -320,7 +233,7 @@ class DiT(nnx.Module):
         elif kwargs:
             config = dataclasses.replace(config, **kwargs)
         cfg = self.config = config
-        f = _Factory(cfg, rngs if rngs is not None else nnx.Rngs(0))
+        f = layers.Factory(cfg.dtype, rngs if rngs is not None else nnx.Rngs(0), "DiT")
         d, p, c = cfg.hidden_size, cfg.patch_size, cfg.in_channels
         self.x_embedder = PatchEmbed(f, p, c, d)
         self.t_embedder = TimestepEmbedder(f, d)
@@ -355,7 +268,7 @@ class DiT(nnx.Module):
         cfg = self.config
         (h, w), p, c_in = cfg.image_size, cfg.patch_size, cfg.in_channels
         tok = self.x_embedder(x)  # (B, N, D) in the compute dtype
-        tok = tok + _use(self.pos_embed[...], jnp.float32)  # the residual stream stays float32
+        tok = tok + use(self.pos_embed[...], jnp.float32)  # the residual stream stays float32
         temb = self.t_embedder(t if cfg.per_patch else t[:, None])  # (B, N or 1, D)
         cond = temb + self.y_embedder(y)[:, None, :]  # (B, N or 1, D)
         for block in self.blocks:
@@ -367,34 +280,9 @@ class DiT(nnx.Module):
         return img, None
 
 
-def _flat_shapes(tree: dict, prefix: str = "") -> dict[str, tuple]:
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        out.update(_flat_shapes(v, path + "/") if isinstance(v, dict) else {path: tuple(np.shape(v))})
-    return out
-
-
 def load_params(model: DiT, params: dict) -> DiT:
-    """Write a pure nested dict of arrays (as `nnx.to_pure_dict(nnx.state(model, nnx.Param))`,
-    block indices int or str) into the model in place; ValueError on other keys or shapes."""
-    state = nnx.state(model, nnx.Param)
-    want, got = _flat_shapes(nnx.to_pure_dict(state)), _flat_shapes(params)
-    if want != got:
-        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        bad = [k for k in want if k in got and want[k] != got[k]][:1]
-        detail = f"; {bad[0]}: {got[bad[0]]} != {want[bad[0]]}" if bad else ""
-        raise ValueError(f"params do not fit the model: missing {missing}, unexpected {extra}{detail}")
-    old = nnx.to_pure_dict(state)
-    nnx.replace_by_pure_dict(state, params)
-    # keep each parameter's dtype and placement (e.g. FSDP shards of a model built under a mesh)
-    placed = jax.tree.map(
-        lambda new, prev: jax.device_put(jnp.asarray(new, prev.dtype), prev.sharding),
-        nnx.to_pure_dict(state), old,
-    )
-    nnx.replace_by_pure_dict(state, placed)
-    nnx.update(model, state)
-    return model
+    """Write a pure nested dict of parameters into the model in place (see layers.load_params)."""
+    return layers.load_params(model, params)
 
 
 def param_count(cfg: DiTConfig) -> int:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from patch_forcing.flow import interpolant
 from patch_forcing import sharding
-from patch_forcing.models import dit
+from patch_forcing.flow import interpolant
+from patch_forcing.models import dit, layers
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -254,7 +254,7 @@ def test_every_variable_has_logical_sharding():
     for path, var in flat:
         names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == len(var.shape), path
-        assert set(names) <= set(dit.LOGICAL_AXES) | {None}, path
+        assert set(names) <= set(layers.LOGICAL_AXES) | {None}, path
         assert "embed" in names or path[-1] == "bias" or path[0] == "final_layer", path
     specs = nnx.get_partition_spec(nnx.state(abstract))
     assert specs["blocks"][0]["mlp"]["fc2"]["kernel"].get_value() == jax.P("mlp", "embed")
