@@ -212,15 +212,16 @@ def test_preset_sizes_match_transformers():
 # ----------------------------------------------------------------------------- layouts and files
 
 
-@pytest.mark.parametrize("registers", [False, True])
-def test_hub_layout_maps_every_tensor(registers, tmp_path):
+@pytest.mark.parametrize("registers,swiglu", [(False, False), (True, True)])
+def test_hub_layout_maps_every_tensor(registers, swiglu, tmp_path):
     """hf -> (our inverse map) -> hub .pth -> load_dinov2 gives exactly the params of the hf path;
     an extra tensor is refused."""
-    model = hf_model(registers, seed=3)
+    model = hf_model(registers, swiglu, seed=3)
     sd = numpy_sd(model)
     cfg = dv._infer_config(sd, "hf", model.config.to_dict())
     hub = to_hub(sd)
-    assert len(hub) == len(sd) - 3 * 2 * cfg.depth + 2 * cfg.depth  # q, k, v -> qkv (weight, bias)
+    fused = (2 + swiglu) * 2 * cfg.depth  # q, k, v -> qkv and gate, up -> w12 (weight, bias)
+    assert len(hub) == len(sd) - fused
     path = tmp_path / "dinov2_tiny.pth"
     torch.save({k: torch.from_numpy(v) for k, v in hub.items()}, path)
     loaded_cfg, params = dv.load_dinov2(str(path), variant=cfg)
@@ -296,3 +297,20 @@ def test_config_inferred_from_real_sized_state_dicts():
     small = numpy_sd(hf_model(registers=False))
     with pytest.raises(ValueError, match="width-32.*variant="):
         dv._infer_config(to_hub(small), "hub", None)
+
+
+def test_batch_sharded_under_a_mesh():
+    """Built under dit's replicated rules on an 8-device data mesh (Auto and Explicit axes), a
+    batch-sharded call keeps its sharding and equals the single-device result."""
+    cfg = dv.preset("dinov2_tiny", num_register_tokens=2)
+    images = jnp.asarray(np.random.default_rng(7).uniform(-1, 1, (8, 20, 20, 3)), jnp.float32)
+    params = nnx.to_pure_dict(nnx.state(dv.DinoV2(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    ref = jax.jit(dv.make_encoder(cfg, params, 16))(params, images)
+    for axis_type in (jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit):
+        mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(dit.logical_axis_rules(fsdp=False)):
+            params = nnx.to_pure_dict(nnx.state(dv.DinoV2(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+            out = jax.jit(dv.make_encoder(cfg, params, 16))(
+                params, jax.device_put(images, jax.NamedSharding(mesh, jax.P("data"))))
+        assert out.sharding.spec[0] == "data", axis_type
+        np.testing.assert_allclose(out, ref, atol=1e-5)
