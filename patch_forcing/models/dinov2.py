@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import load_file
 
-from patch_forcing.models import dit
+from patch_forcing.models import dit, layers
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -163,20 +164,20 @@ def preprocess(images: jnp.ndarray, size: int = 224) -> jnp.ndarray:
 
 
 class LayerNorm(nnx.Module):
-    def __init__(self, f: dit._Factory, d: int, eps: float):
+    def __init__(self, f: layers.Factory, d: int, eps: float):
         self.eps = eps
         self.scale = f.param(nnx.initializers.ones_init(), (d,), ("embed",))
         self.bias = f.param(nnx.initializers.zeros_init(), (d,), ("embed",))
 
     def __call__(self, x):  # float32 in and out
-        y = dit.layer_norm(x.astype(jnp.float32), self.eps)
-        return y * dit._use(self.scale[...], jnp.float32) + dit._use(self.bias[...], jnp.float32)
+        y = layers.layer_norm(x.astype(jnp.float32), self.eps)
+        return y * layers.use(self.scale[...], jnp.float32) + layers.use(self.bias[...], jnp.float32)
 
 
 class Mlp(nnx.Module):
     """GELU (exact erf) MLP fc1/fc2, or SwiGLU w12 (gate | up) / w3 as in torch.hub's ViT-g."""
 
-    def __init__(self, f: dit._Factory, d: int, hidden: int, swiglu: bool):
+    def __init__(self, f: layers.Factory, d: int, hidden: int, swiglu: bool):
         self.swiglu = swiglu
         if swiglu:
             self.w12 = f.linear(d, 2 * hidden, ("embed", "mlp"))
@@ -195,10 +196,10 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm ViT block: x + ls1 * attn(norm1(x)), then x + ls2 * mlp(norm2(x))."""
 
-    def __init__(self, f: dit._Factory, cfg: DinoV2Config):
+    def __init__(self, f: layers.Factory, cfg: DinoV2Config):
         d, eps = cfg.hidden_size, cfg.layer_norm_eps
         self.norm1 = LayerNorm(f, d, eps)
-        self.attn = dit.Attention(f, d, cfg.num_heads, cfg.attention_impl)
+        self.attn = layers.Attention(f, d, cfg.num_heads, cfg.attention_impl)
         self.norm2 = LayerNorm(f, d, eps)
         self.mlp = Mlp(f, d, cfg.mlp_hidden, cfg.swiglu)
         self.layer_scale = cfg.layer_scale
@@ -208,22 +209,22 @@ class Block(nnx.Module):
 
     def __call__(self, x):  # (B, T, D) float32 residual stream
         h = self.attn(self.norm1(x)).astype(jnp.float32)
-        x = x + (h * dit._use(self.ls1[...], jnp.float32) if self.layer_scale else h)
+        x = x + (h * layers.use(self.ls1[...], jnp.float32) if self.layer_scale else h)
         h = self.mlp(self.norm2(x)).astype(jnp.float32)
-        return x + (h * dit._use(self.ls2[...], jnp.float32) if self.layer_scale else h)
+        return x + (h * layers.use(self.ls2[...], jnp.float32) if self.layer_scale else h)
 
 
 class DinoV2(nnx.Module):
     """DinoV2(cfg, rngs=...) -> call on ImageNet-normalised (B, H, W, 3), H, W multiples of the
-    patch. Parameters carry dit.py's logical names ('embed', 'mlp'); we replicate them (frozen,
-    86M for B/14), i.e. build outside a mesh or under dit.logical_axis_rules(fsdp=False)."""
+    patch. Parameters carry layers.py's logical names ('embed', 'mlp'); we replicate them (frozen,
+    86M for B/14), i.e. build outside a mesh or under sharding.logical_axis_rules(fsdp=False)."""
 
     def __init__(self, config: DinoV2Config | None = None, *, rngs: nnx.Rngs | None = None, **kwargs):
         cfg = self.config = dataclasses.replace(config or DinoV2Config(), **kwargs)
-        f = dit._Factory(cfg, rngs if rngs is not None else nnx.Rngs(0))
+        f = layers.Factory(cfg.dtype, rngs if rngs is not None else nnx.Rngs(0), "DINOv2")
         d, r, g = cfg.hidden_size, cfg.num_register_tokens, cfg.pos_grid
         normal = nnx.initializers.normal(0.02)
-        self.patch_embed = dit.PatchEmbed(f, cfg.patch_size, 3, d)
+        self.patch_embed = layers.PatchEmbed(f, cfg.patch_size, 3, d)
         self.cls_token = f.param(normal, (1, 1, d), (None, None, "embed"))
         if r:
             self.register_tokens = f.param(normal, (1, r, d), (None, None, "embed"))
@@ -235,7 +236,7 @@ class DinoV2(nnx.Module):
         """(1, 1 + gh*gw, D) float32: the cls position, then the pretrained grid resampled to gh x gw
         (unchanged at the pretraining grid, as both references)."""
         cfg, m = self.config, self.config.pos_grid
-        pos = dit._use(self.pos_embed[...], jnp.float32)
+        pos = layers.use(self.pos_embed[...], jnp.float32)
         if (gh, gw) == (m, m):
             return pos
         off = cfg.interpolate_offset
@@ -251,11 +252,11 @@ class DinoV2(nnx.Module):
             raise ValueError(f"DINOv2 input must be (B, H, W, 3) with H, W multiples of patch_size={p}, "
                              f"got {tuple(x.shape)}")
         tok = self.patch_embed(x).astype(jnp.float32)  # (B, N, D)
-        cls = jnp.zeros_like(tok[:, :1]) + dit._use(self.cls_token[...], jnp.float32)
+        cls = jnp.zeros_like(tok[:, :1]) + layers.use(self.cls_token[...], jnp.float32)
         tok = jnp.concatenate([cls, tok], axis=1) + self.position_embedding(x.shape[1] // p, x.shape[2] // p)
         r = cfg.num_register_tokens
         if r:  # registers go after cls, without a position embedding
-            regs = jnp.zeros_like(tok[:, :1]) + dit._use(self.register_tokens[...], jnp.float32)
+            regs = jnp.zeros_like(tok[:, :1]) + layers.use(self.register_tokens[...], jnp.float32)
             tok = jnp.concatenate([tok[:, :1], regs, tok[:, 1:]], axis=1)
         for block in self.blocks:
             tok = block(tok)
@@ -272,7 +273,7 @@ def _abstract(cfg: DinoV2Config):
 
 def param_shapes(cfg: DinoV2Config) -> dict[str, tuple]:
     """{'blocks/0/attn/qkv/kernel': shape, ...} of our parameters (nothing materialised)."""
-    return dit._flat_shapes(nnx.to_pure_dict(_abstract(cfg)[1]))
+    return layers.flat_shapes(nnx.to_pure_dict(_abstract(cfg)[1]))
 
 
 def make_encoder(cfg: DinoV2Config, params: dict, resolution: int = 224):
@@ -280,7 +281,7 @@ def make_encoder(cfg: DinoV2Config, params: dict, resolution: int = 224):
     features(params, images): (B, H, W, 3) in [-1, 1] -> `preprocess` to resolution -> DINOv2
     patch tokens (B, (resolution / p)^2, D) float32 after the final norm."""
     graphdef, state = _abstract(cfg)
-    want, got = dit._flat_shapes(nnx.to_pure_dict(state)), dit._flat_shapes(params)
+    want, got = layers.flat_shapes(nnx.to_pure_dict(state)), layers.flat_shapes(params)
     if want != got:
         bad = [k for k in want if got.get(k) != want[k]] or sorted(set(got) - set(want))
         raise ValueError(f"params do not fit the DINOv2 config: {bad[0]} is {got.get(bad[0])}, "
@@ -377,7 +378,6 @@ def convert(state_dict: dict, cfg: DinoV2Config, layout: str) -> dict:
 
 def _read(path: str) -> tuple[dict, dict | None]:
     """(state dict of numpy arrays, transformers config.json or None)."""
-    from safetensors.numpy import load_file
 
     def _read_torch(path):
         import torch  # optional dependency: only to read .pth / .bin files

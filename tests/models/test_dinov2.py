@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from flax import nnx
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
+from patch_forcing import sharding
 from patch_forcing.models import dinov2 as dv
-from patch_forcing.models import dit
+from patch_forcing.models import layers
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 torch.set_num_threads(1)
@@ -46,7 +47,7 @@ def ours(model):
     """(config, jitted forward) of our port with the transformers model's converted weights."""
     sd = numpy_sd(model)
     cfg = dv._infer_config(sd, "hf", model.config.to_dict())
-    graphdef, state = nnx.split(dit.load_params(dv.DinoV2(cfg), dv.convert(sd, cfg, "hf")))
+    graphdef, state = nnx.split(layers.load_params(dv.DinoV2(cfg), dv.convert(sd, cfg, "hf")))
     forward = jax.jit(lambda x: nnx.merge(graphdef, state)(x))
     return cfg, lambda x: forward(jnp.asarray(x))
 
@@ -306,7 +307,7 @@ def test_batch_sharded_under_a_mesh():
     cfg = dv.preset("dinov2_tiny", num_register_tokens=2)
     images = jnp.asarray(np.random.default_rng(7).uniform(-1, 1, (8, 20, 20, 3)), jnp.float32)
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(dit.logical_axis_rules(fsdp=False)):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.logical_axis_rules(fsdp=False)):
         params = nnx.to_pure_dict(nnx.state(dv.DinoV2(cfg, rngs=nnx.Rngs(0)), nnx.Param))
         assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
         batch = jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp")))
