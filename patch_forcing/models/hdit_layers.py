@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.core import meta, spmd
 
-from patch_forcing.models.dit import FixedEmbedding, _reshape, _use
+from patch_forcing.models import layers
+from patch_forcing.models.layers import FixedEmbedding
+from patch_forcing.sharding import reshape_batch
 
 EPS = 1e-6  # RMSNorm and cosine-similarity eps
 SCALE_INIT = 10.0  # initial per-head attention scale
@@ -87,25 +88,12 @@ def torch_linear_init(fan_in: int):
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-class Factory:
-    """Holds the compute dtype, the rngs and whether annotations shard eagerly."""
+class Factory(layers.Factory):
+    """layers.Factory plus the attention implementation and fixed (non-trainable) variables."""
 
     def __init__(self, dtype: str, rngs: nnx.Rngs, attention_impl: str | None = None):
-        self.rngs = rngs
-        self.dtype = jnp.dtype(dtype)
+        super().__init__(dtype, rngs, "the T2I model", LOGICAL_AXES)
         self.attention_impl = attention_impl
-        self.eager = nnx.using_eager_sharding() and meta.global_mesh_defined()
-        if self.eager:
-            names = {name for name, _ in spmd.get_logical_axis_rules()}
-            if not set(LOGICAL_AXES) <= names:
-                raise ValueError(
-                    f"building the T2I model under a mesh needs logical axis rules for "
-                    f"{list(LOGICAL_AXES)}: wrap it in nnx.logical_axis_rules(dit.logical_axis_rules(fsdp))"
-                )
-
-    def param(self, init, shape, names):
-        init = nnx.with_partitioning(init, names, eager_sharding=self.eager)
-        return nnx.Param(init(self.rngs.params(), shape, jnp.float32))
 
     def fixed(self, value, names):
         return FixedEmbedding(jnp.asarray(value, jnp.float32), out_sharding=names, eager_sharding=self.eager)
@@ -122,8 +110,8 @@ class Linear(nnx.Module):
         self.bias = f.param(torch_linear_init(d_in), (d_out,), names[1:]) if bias else None
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), _use(self.kernel[...], self.dtype))
-        return y if self.bias is None else y + _use(self.bias[...], self.dtype)
+        y = jnp.dot(x.astype(self.dtype), layers.use(self.kernel[...], self.dtype))
+        return y if self.bias is None else y + layers.use(self.bias[...], self.dtype)
 
 
 def rms_norm(x: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
@@ -137,7 +125,7 @@ class RMSNorm(nnx.Module):
         self.scale = f.param(nnx.initializers.ones_init(), (d,), (axis,))
 
     def __call__(self, x, cond=None):  # cond is ignored: the unconditional twin of AdaRMSNorm
-        return rms_norm(x, _use(self.scale[...], jnp.float32))
+        return rms_norm(x, layers.use(self.scale[...], jnp.float32))
 
 
 class AdaRMSNorm(nnx.Module):
@@ -215,11 +203,11 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x, pos, cond=None, key_mask=None):  # x (B, L, D) float32
         b, n, d = x.shape
-        qkv = _reshape(self.qkv_proj(self.norm(x, cond)), (b, n, 3, self.heads, self.head_dim))
+        qkv = reshape_batch(self.qkv_proj(self.norm(x, cond)), (b, n, 3, self.heads, self.head_dim))
         q, k = cosine_qk(qkv[:, :, 0], qkv[:, :, 1], self.scale[...])
         theta = self.pos_emb(pos)
         out = attend(apply_rope(q, theta), apply_rope(k, theta), qkv[:, :, 2], key_mask, self.dtype, self.impl)
-        return x + self.out_proj(_reshape(out, (b, n, d))).astype(jnp.float32)
+        return x + self.out_proj(reshape_batch(out, (b, n, d))).astype(jnp.float32)
 
 
 class CrossAttention(nnx.Module):
@@ -237,11 +225,11 @@ class CrossAttention(nnx.Module):
 
     def __call__(self, x, pos, ctx, cond=None, ctx_mask=None):  # x (B, N, D), ctx (B, L, D_ctx)
         b, n, d = x.shape
-        q = _reshape(self.q_proj(self.norm(x, cond)), (b, n, self.heads, self.head_dim))
-        kv = _reshape(self.kv_proj(self.norm_cross(ctx)), (b, ctx.shape[1], 2, self.heads, self.head_dim))
+        q = reshape_batch(self.q_proj(self.norm(x, cond)), (b, n, self.heads, self.head_dim))
+        kv = reshape_batch(self.kv_proj(self.norm_cross(ctx)), (b, ctx.shape[1], 2, self.heads, self.head_dim))
         q, k = cosine_qk(q, kv[:, :, 0], self.scale[...])
         out = attend(apply_rope(q, self.pos_emb(pos)), k, kv[:, :, 1], ctx_mask, self.dtype, self.impl)
-        return x + self.out_proj(_reshape(out, (b, n, d))).astype(jnp.float32)
+        return x + self.out_proj(reshape_batch(out, (b, n, d))).astype(jnp.float32)
 
 
 class TransformerLayer(nnx.Module):

@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from patch_forcing.flow.interpolant import patchify, unpatchify
 from patch_forcing.models import hdit_layers as L
-from patch_forcing.models.dit import FixedEmbedding, _flat_shapes, patchify, unpatchify
+from patch_forcing.models.layers import FixedEmbedding, flat_shapes
 
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
@@ -265,7 +266,7 @@ def load_state(model: T2ITransformer, state: dict) -> T2ITransformer:
     abstract (nnx.eval_shape(lambda: T2ITransformer(cfg))): then no random init is materialised,
     and under jax.set_mesh the arrays are placed by their logical annotations."""
     current = nnx.state(model)
-    want, got = _flat_shapes(nnx.to_pure_dict(current)), _flat_shapes(state)
+    want, got = flat_shapes(nnx.to_pure_dict(current)), flat_shapes(state)
     if want != got:
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         bad = [k for k in want if k in got and want[k] != got[k]][:1]

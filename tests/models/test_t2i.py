@@ -12,7 +12,8 @@ import pytest
 import torch
 from flax import nnx
 
-from patch_forcing.models import dit, hdit_layers, t2i
+from patch_forcing import sharding
+from patch_forcing.models import hdit_layers, layers, t2i
 from tests.models import torch_t2i
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -166,7 +167,7 @@ def test_param_count_pft_1p2b():
     abstract = abstract_model(t2i.preset("pft_1p2b"))
     count = lambda leaves: sum(math.prod(a.shape) for a in leaves)  # noqa: E731
     assert count(jax.tree.leaves(nnx.state(abstract, nnx.Param))) == 1_239_969_176
-    fixed = dict(nnx.to_flat_state(nnx.state(abstract, dit.FixedEmbedding)))
+    fixed = dict(nnx.to_flat_state(nnx.state(abstract, layers.FixedEmbedding)))
     rope = [v.shape for k, v in fixed.items() if k[-1] == "freqs"]
     assert len(rope) == 58 and all(math.prod(s) == 384 for s in rope)  # 22,272 frozen frequencies
     assert fixed[("t_embedder", "time_emb", "kernel")].shape == (1, 192)  # the Fourier features
@@ -200,7 +201,7 @@ def test_every_variable_has_logical_sharding_and_fsdp_build_matches(pair):
     v_ref, _ = run_torch(tm, x, t, txt)
     kind = jax.sharding.AxisType.Explicit
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(kind, kind), devices=jax.devices()[:8])
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(dit.logical_axis_rules(True)):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.logical_axis_rules(True)):
         model = t2i.load_state(abstract_model(), nnx.to_pure_dict(nnx.state(ours)))  # annotated shardings
     kernel = model.blocks[0].self_attn.qkv_proj.kernel[...]
     assert kernel.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, jax.P("fsdp", None)), 2)
