@@ -4,7 +4,7 @@ The reference (patch_flow/text_encoder.py, `Qwen3VLEmbedder2B`) loads `Qwen/Qwen
 with `Qwen3VLForConditionalGeneration`, keeps `model.language_model` (a `Qwen3VLTextModel`), and
 calls it with the tokenizer's `input_ids` and `attention_mask` (`padding="max_length"`,
 `max_length=256`, `truncation=True`, the tokenizer's own padding side: right for Qwen tokenizers,
-pad id 151643 `<|endoftext|>`, no BOS/EOS added). It takes the last hidden state (B, 256, 2048),
+whose configs set none, pad id 151643 `<|endoftext|>`, no BOS/EOS added). It takes the last hidden state (B, 256, 2048),
 after the final RMSNorm, in bf16, and the DiT consumes all 256 rows, padding rows included.
 
 What this module reproduces exactly (tested against transformers' sdpa attention, its default):
@@ -290,6 +290,7 @@ class TextEncoder(NamedTuple):
 
 
 def as_text_encoder(model: Qwen3TextModel) -> TextEncoder:
+    """The model as a `TextEncoder` (its nnx state is the params)."""
     graphdef, params = nnx.split(model)
     return TextEncoder(lambda p, ids, m: nnx.merge(graphdef, p)(ids, m), params, model.config.hidden_size)
 
@@ -424,7 +425,8 @@ def load_tokenizer(folder: str, padding_side: str = "right"):
 def tokenize(tokenizer, prompts: Sequence[str], max_length: int = MAX_LENGTH):
     """Prompts -> token_ids (B, max_length) int32, mask (B, max_length) bool, padded to
     max_length and truncated as the reference does. `tokenizer` is a `tokenizers.Tokenizer`
-    (from `load_tokenizer`) or a transformers tokenizer (its own padding side applies)."""
+    (from `load_tokenizer`; this sets its padding length and truncation) or a transformers
+    tokenizer (its own padding side applies)."""
     prompts = [p.decode() if isinstance(p, bytes) else p for p in prompts]
     if hasattr(tokenizer, "encode_batch"):  # tokenizers.Tokenizer
         pad = tokenizer.padding or {}
