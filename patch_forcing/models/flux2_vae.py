@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import safe_open  # its flax backend reads bf16 (numpy has no bfloat16)
 
-from patch_forcing import vae as vae_lib
+from patch_forcing.models import vae as vae_lib
 
 HF_REPO = "black-forest-labs/FLUX.2-dev"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -216,7 +217,6 @@ def _resolve(path: str) -> str:
 
 
 def _read(file: str) -> dict[str, np.ndarray]:
-    from safetensors import safe_open  # the flax backend reads bf16 (numpy has no bfloat16)
 
     with jax.default_device(jax.devices("cpu")[0]), safe_open(file, framework="flax") as f:
         return {k: np.asarray(f.get_tensor(k).astype(jnp.float32)) for k in f.keys()}

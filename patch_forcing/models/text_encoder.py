@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import meta
+from safetensors import safe_open  # its flax backend reads bf16 (numpy has no bfloat16)
 
 HF_REPO = "Qwen/Qwen3-VL-Embedding-2B"
 MAX_LENGTH = 256  # the reference's max_length
@@ -366,7 +367,6 @@ def convert_tensors(model: Qwen3TextModel, tensors: dict[str, np.ndarray]) -> Qw
 
 
 def _read_tensors(files: Sequence[str], keep: Callable[[str], bool]) -> dict[str, np.ndarray]:
-    from safetensors import safe_open  # the flax backend reads bf16 (numpy has no bfloat16)
 
     out = {}
     with jax.default_device(jax.devices("cpu")[0]):
@@ -401,7 +401,7 @@ def load_tokenizer(folder: str, padding_side: str = "right"):
     the pad token of `folder/tokenizer_config.json` (Qwen: `<|endoftext|>`). A transformers
     tokenizer (`AutoTokenizer.from_pretrained(folder, local_files_only=True)`, the reference's own
     path) works with `tokenize` and `embed_prompts` as well."""
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # optional: only to tokenize prompts (comes with transformers)
 
     file = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(file):
