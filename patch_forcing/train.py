@@ -338,17 +338,23 @@ class _Preemption:
             return False
 
 
+def _stop_for_preemption(manager, step, state, train_iter, finite, writer, mcfg, saved: bool):
+    """Save `step` (unless the periodic save just did), wait for the save, flush the metrics and
+    raise `Preempted`."""
+    if not saved:
+        finite.check()  # never save a NaN state
+        ckpt_lib.save(manager, step, state, train_iter, force=True, model=mcfg)
+    manager.wait_until_finished()
+    writer.close()
+    raise Preempted(step, manager.directory)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Train per `config` in `workdir`, resuming from its latest checkpoint; returns last metrics.
     Raises `Preempted` after saving on SIGTERM/SIGINT or a multi-host preemption notice."""
     config_lib.validate(config, "train")
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    with _Preemption() as preemption:
-        return _train(config, workdir, preemption)
-
-
-def _train(config, workdir, preemption: _Preemption) -> dict[str, float]:
     mcfg = config_lib.model_config(config)
     try:
         mesh = sharding.make_mesh(config.mesh)
@@ -367,37 +373,31 @@ def _train(config, workdir, preemption: _Preemption) -> dict[str, float]:
     train_step = jit_train_step(config, graphdef, rest, shardings, mesh)
     evaluator = Evaluator(config, workdir, graphdef, rest, mesh)
     finite, progress, last, t_log = _FiniteCheck(manager, workdir), _Progress(config, workdir, start), {}, time.time()
-    try:
-        with jax.set_mesh(mesh):
-            for step in range(start + 1, config.train.num_steps + 1):
-                state, metrics = train_step(state, sharding.to_global_batch(next(train_iter), mesh))
-                finite.add(step, metrics)
-                progress.step(step)
-                final = step == config.train.num_steps
-                if _every(step, log.every_steps, final):
-                    last, sps, t_log = finite.check(), log.every_steps / max(time.time() - t_log, 1e-9), time.time()
-                    writer.write(step, {**last, "steps_per_sec": sps})
-                    progress.report(step, sps)
-                saved = False
-                if _every(step, c.every_steps, final):
-                    finite.check()  # never save a NaN state
-                    saved = ckpt_lib.save(manager, step, state, train_iter, force=final, model=mcfg)
-                if preemption.requested(step) and not final:
-                    if not saved:
-                        finite.check()
-                        ckpt_lib.save(manager, step, state, train_iter, force=True, model=mcfg)
-                    manager.wait_until_finished()
-                    raise Preempted(step, workdir / "checkpoints")
-                if _every(step, log.eval_every_steps, final):
-                    writer.write(step, evaluator.val_loss(state["ema"]))
-                if _every(step, log.sample_every_steps, final):
-                    evaluator.sample_pictures(step, state["ema"])
-                if evaluator.fid_hook is not None and _every(step, config.eval.fid_every_steps, final):
-                    writer.write(step, evaluator.fid_hook(step, state["ema"]))
-        manager.wait_until_finished()
-        if sharding.is_chief():
-            ckpt_lib.save_inference(workdir / "inference", mcfg.to_dict(), nnx.to_pure_dict(state["ema"]),
-                                    extra={"step": int(state["step"]), "sampler": dict(config.sampler)})
-    finally:
-        writer.close()  # flushes metrics.jsonl and the TensorBoard events, also when preempted
+    with jax.set_mesh(mesh), _Preemption() as preemption:
+        for step in range(start + 1, config.train.num_steps + 1):
+            state, metrics = train_step(state, sharding.to_global_batch(next(train_iter), mesh))
+            finite.add(step, metrics)
+            progress.step(step)
+            final = step == config.train.num_steps
+            if _every(step, log.every_steps, final):
+                last, sps, t_log = finite.check(), log.every_steps / max(time.time() - t_log, 1e-9), time.time()
+                writer.write(step, {**last, "steps_per_sec": sps})
+                progress.report(step, sps)
+            saved = False
+            if _every(step, c.every_steps, final):
+                finite.check()  # never save a NaN state
+                saved = ckpt_lib.save(manager, step, state, train_iter, force=final, model=mcfg)
+            if preemption.requested(step) and not final:
+                _stop_for_preemption(manager, step, state, train_iter, finite, writer, mcfg, saved)
+            if _every(step, log.eval_every_steps, final):
+                writer.write(step, evaluator.val_loss(state["ema"]))
+            if _every(step, log.sample_every_steps, final):
+                evaluator.sample_pictures(step, state["ema"])
+            if evaluator.fid_hook is not None and _every(step, config.eval.fid_every_steps, final):
+                writer.write(step, evaluator.fid_hook(step, state["ema"]))
+    manager.wait_until_finished()
+    if sharding.is_chief():
+        ckpt_lib.save_inference(workdir / "inference", mcfg.to_dict(), nnx.to_pure_dict(state["ema"]),
+                                extra={"step": int(state["step"]), "sampler": dict(config.sampler)})
+    writer.close()
     return last
