@@ -296,7 +296,8 @@ def load_inference(directory: str | epath.Path) -> tuple[dict, Any, dict]:
     try:
         meta = json.loads(config_file.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{config_file} is not valid JSON ({_root_cause(e)}): the inference checkpoint is damaged") from e
+        raise UserError(f"{config_file} is not valid JSON ({_root_cause(e)}): the inference checkpoint "
+                        "is damaged") from e
     if not isinstance(meta, dict) or meta.get("format") != INFERENCE_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise UserError(f"{config_file} has format {found!r}, expected {INFERENCE_FORMAT!r}")
@@ -324,7 +325,8 @@ def load_model(directory: str | epath.Path):
     mismatch = _first_mismatch(_param_shapes(mcfg), flat_shapes(params), "in params/", "for config.json's model")
     if mismatch is not None:
         fit = _single_field_fit(mcfg, flat_shapes(params))
-        raise UserError(f"{epath.Path(directory) / 'params'} does not fit {config_file}: {mismatch}"
-                        + (f"; the params fit model.{fit}" if fit else "") + ": were they saved with another model config?")
+        fit = f"; the params fit model.{fit}" if fit else ""
+        raise UserError(f"{epath.Path(directory) / 'params'} does not fit {config_file}: {mismatch}{fit}: were "
+                        "they saved with another model config?")
     apply, params = dit.from_params(mcfg, params)
     return mcfg, apply, params, meta

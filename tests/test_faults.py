@@ -338,15 +338,11 @@ def test_inference_checkpoint_faults(reference, tmp_path):
     shutil.copy(reference / "inference" / "config.json", ckpt / "config.json")
     for f in (ckpt / "params" / "ocdbt.process_0" / "d").iterdir():
         os.truncate(f, 10)
-    with pytest.raises(UserError, match=r"params cannot be read \(ValueError: .*\): the inference checkpoint is damaged"):
+    with pytest.raises(UserError, match=r"params cannot be read \(ValueError: .*\): the inference checkpoint is"):
         ckpt_lib.load_model(ckpt)
 
 
 # ----------------------------------------------------------------------------- bad input files
-def _dict_cfg(d):
-    return ml_collections.ConfigDict(d)
-
-
 def _idx(array, code) -> bytes:
     return bytes([0, 0, code, array.ndim]) + np.array(array.shape, ">u4").tobytes() + array.tobytes()
 
@@ -366,8 +362,8 @@ def test_bad_input_files_name_the_file_and_the_fault(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (20, 28, 28)).astype(np.uint8)
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images, 8))[:-30])
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(np.arange(20, dtype=np.uint8) % 10, 8)))
-    mnist = _dict_cfg(dict(digits.get_config("smoke").data, name="mnist", source="idx", data_dir=str(tmp_path),
-                           image_size=(28, 28), split_eval="test"))
+    mnist = ml_collections.ConfigDict(dict(digits.get_config("smoke").data, name="mnist", source="idx",
+                                           data_dir=str(tmp_path), image_size=(28, 28), split_eval="test"))
     with pytest.raises(UserError, match=r"t10k-images-idx3-ubyte.gz: truncated or damaged gzip"):
         data_lib.make_eval_batches(mnist, "test")
 
@@ -375,12 +371,12 @@ def test_bad_input_files_name_the_file_and_the_fault(tmp_path):
     (tmp_path / "cut.npz").write_bytes((tmp_path / "a.npz").read_bytes()[:-100])
     arrays = dict(digits.get_config("smoke").data, name="arrays", image_size=(28, 28))
     with pytest.raises(UserError, match=r"cut.npz: not a readable .npz, truncated or damaged \(BadZipFile"):
-        data_lib.make_eval_batches(_dict_cfg(dict(arrays, data_dir=str(tmp_path / "cut.npz"))), "train")
+        data_lib.make_eval_batches(ml_collections.ConfigDict(dict(arrays, data_dir=str(tmp_path / "cut.npz"))), "train")
     bad = images / 127.5 - 1.0
     bad[7, 3, 3] = np.inf
     np.savez(tmp_path / "inf.npz", images=bad, labels=np.arange(20) % 10)
     with pytest.raises(UserError, match=r"inf.npz: the data holds NaN/inf \(first in example 7\)"):
-        data_lib.make_train_iterator(_dict_cfg(dict(arrays, data_dir=str(tmp_path / "inf.npz"))), seed=0)
+        data_lib.make_train_iterator(ml_collections.ConfigDict(dict(arrays, data_dir=str(tmp_path / "inf.npz"))), 0)
 
     z = [np.full((2, 2, 4), i, np.float32) for i in range(16)]
     lat = dict(digits.get_config("smoke").data, name="latents", image_size=(2, 2), channels=4, num_classes=4,
@@ -390,18 +386,18 @@ def test_bad_input_files_name_the_file_and_the_fault(tmp_path):
     _latent_dir(good, z)
     with pytest.raises(UserError, match=rf"data.image_size=\(4, 4\) must equal the stored size \(2, 2\) of "
                                         rf"'latents' \({good}\)"):
-        data_lib.make_train_iterator(_dict_cfg(dict(lat, data_dir=str(good), image_size=(4, 4))), seed=0)
+        data_lib.make_train_iterator(ml_collections.ConfigDict(dict(lat, data_dir=str(good), image_size=(4, 4))), 0)
     cut = tmp_path / "cut_lat"
     cut.mkdir()
     shard = _latent_dir(cut, z)
     os.truncate(shard, shard.stat().st_size - 100)
     with pytest.raises(UserError, match=rf"latent shard {shard} is truncated or damaged"):
-        data_lib.make_train_iterator(_dict_cfg(dict(lat, data_dir=str(cut))), seed=0)
+        data_lib.make_train_iterator(ml_collections.ConfigDict(dict(lat, data_dir=str(cut))), seed=0)
     nan = tmp_path / "nan_lat"
     nan.mkdir()
     z[5] = z[5] * np.nan
     shard = _latent_dir(nan, z)
-    it = data_lib.make_train_iterator(_dict_cfg(dict(lat, data_dir=str(nan))), seed=0)
+    it = data_lib.make_train_iterator(ml_collections.ConfigDict(dict(lat, data_dir=str(nan))), seed=0)
     with pytest.raises(UserError, match=rf"latent shard {shard} record 5 \(example 5\) holds NaN/inf"):
         for _ in range(4):  # one epoch
             next(it)
@@ -461,4 +457,5 @@ def test_cli_user_error_is_one_line_exit_2_without_traceback(tmp_path, env):
            "--config.data.name=arrays", f"--config.data.data_dir={tmp_path / 'nan.npz'}"]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert res.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nan.npz'}: the data holds NaN/inf (first in example 0)"
+    last = res.stderr.strip().splitlines()[-1]
+    assert last == f"error: {tmp_path / 'nan.npz'}: the data holds NaN/inf (first in example 0)"
