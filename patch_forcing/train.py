@@ -3,12 +3,15 @@
 Read top to bottom: optimizer, state, update step, periodic evaluation, loop. The state is a plain
 pytree {'step', 'params', 'opt_state', 'ema', 'rng'} (params and EMA are nnx.State of the DiT's
 nnx.Param variables). The step RNG is fold_in(rng, step), so a resumed run draws exactly the
-numbers an uninterrupted one would.
+numbers an uninterrupted one would. SIGTERM/SIGINT (or JAX's multi-host preemption notice) save
+the current step and stop with `Preempted`; resuming from it is bit-identical too.
 """
 
 from __future__ import annotations
 
 import functools
+import signal
+import threading
 import time
 from typing import Any
 
@@ -19,9 +22,11 @@ import optax
 from absl import logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from patch_forcing import UserError
 from patch_forcing import checkpoint as ckpt_lib
 from patch_forcing import config_lib, pictures, sharding
 from patch_forcing.data import pipeline
@@ -219,23 +224,21 @@ def _sample_decoder(config, mcfg):
 
 
 # ----------------------------------------------------------------------------- loop
-def _setup_workdir(config, workdir) -> epath.Path:
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+def _write_config(config, workdir) -> None:
+    """<workdir>/config.json, after the restore: a refused resume leaves the old one in place."""
     if sharding.is_chief():
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    return workdir
 
 
-def _restore(manager, state, train_iter) -> tuple[Any, int]:
-    """The workdir's latest complete checkpoint (state and data iterator), else the fresh state."""
-    step = manager.latest_step()
-    if step is None:
-        return state, 0
+def _restore(manager, state, train_iter, mcfg) -> tuple[Any, int]:
+    """The workdir's newest restorable checkpoint (state and data iterator), else the fresh state;
+    damaged steps are moved aside, another model's checkpoint is refused (checkpoint.py)."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    state = ckpt_lib.restore(manager, step, abstract, train_iter)
-    logging.info("resumed from step %d", step)
-    return state, int(step)
+    found = ckpt_lib.restore_latest(manager, abstract, train_iter, mcfg)
+    if found is None:
+        return state, 0
+    logging.info("resumed from step %d", found[1])
+    return found[0], int(found[1])
 
 
 class _FiniteCheck:
@@ -285,23 +288,92 @@ def _every(step: int, n: int, final: bool) -> bool:
     return final or (n > 0 and step % n == 0)
 
 
+# ----------------------------------------------------------------------------- preemption
+class Preempted(Exception):
+    """Training saved the current step on a preemption notice and stopped (main exits 0)."""
+
+    def __init__(self, step: int, directory):
+        super().__init__(f"preempted: saved a checkpoint at step {step} in {directory}; "
+                         "run the same command to resume")
+        self.step = step
+
+
+class _Preemption:
+    """SIGTERM/SIGINT -> a checkpoint at the current step, then `Preempted`.
+
+    One process: the handler sets a flag the loop reads after each step; a second signal while
+    saving is only logged, so the save finishes. Several processes: JAX's preemption service
+    (started by jax.distributed.initialize; it catches SIGTERM itself, so no Python handler is
+    installed there) names the first step every host reaches, via
+    `multihost_utils.reached_preemption_sync_point`, and all hosts save that same step.
+    """
+
+    def __init__(self):
+        self.multihost, self.received, self._previous = jax.process_count() > 1, None, {}
+
+    def __enter__(self):
+        if not self.multihost and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+            logging.warning("%s: saving a checkpoint at the current step, then stopping", name)
+        else:
+            logging.warning("%s again: ignored until the checkpoint is saved", name)
+
+    def requested(self, step: int) -> bool:
+        if not self.multihost:
+            return self.received is not None
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:  # jax_enable_preemption_service is off: no notices
+            return False
+
+
+def _stop_for_preemption(manager, step, state, train_iter, finite, writer, mcfg, saved: bool):
+    """Save `step` (unless the periodic save just did), wait for the save, flush the metrics and
+    raise `Preempted`."""
+    if not saved:
+        finite.check()  # never save a NaN state
+        ckpt_lib.save(manager, step, state, train_iter, force=True, model=mcfg)
+    manager.wait_until_finished()
+    writer.close()
+    raise Preempted(step, manager.directory)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Train per `config` in `workdir`, resuming from its latest checkpoint; returns last metrics."""
+    """Train per `config` in `workdir`, resuming from its latest checkpoint; returns last metrics.
+    Raises `Preempted` after saving on SIGTERM/SIGINT or a multi-host preemption notice."""
     config_lib.validate(config, "train")
-    workdir = _setup_workdir(config, workdir)
-    writer = MetricWriter(workdir, enabled=sharding.is_chief())
-    mesh = sharding.make_mesh(config.mesh)
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mcfg = config_lib.model_config(config)
+    try:
+        mesh = sharding.make_mesh(config.mesh)
+    except ValueError as e:  # config.mesh does not fit the devices
+        raise UserError(str(e)) from e
     logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
-    state, graphdef, rest, shardings = init_state(config, mesh)
+    # The input first: a bad data file fails before anything compiles.
     train_iter = pipeline.make_train_iterator(config.data, config.seed, jax.process_index(), jax.process_count())
+    state, graphdef, rest, shardings = init_state(config, mesh)
     c, log = config.checkpoint, config.log
     manager = ckpt_lib.make_manager(workdir / "checkpoints", every_steps=c.every_steps, keep=c.keep,
                                     async_save=c.async_save)
-    state, start = _restore(manager, state, train_iter)
+    state, start = _restore(manager, state, train_iter, mcfg)
+    _write_config(config, workdir)
+    writer = MetricWriter(workdir, enabled=sharding.is_chief())
     train_step = jit_train_step(config, graphdef, rest, shardings, mesh)
     evaluator = Evaluator(config, workdir, graphdef, rest, mesh)
     finite, progress, last, t_log = _FiniteCheck(manager, workdir), _Progress(config, workdir, start), {}, time.time()
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), _Preemption() as preemption:
         for step in range(start + 1, config.train.num_steps + 1):
             state, metrics = train_step(state, sharding.to_global_batch(next(train_iter), mesh))
             finite.add(step, metrics)
@@ -311,9 +383,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 last, sps, t_log = finite.check(), log.every_steps / max(time.time() - t_log, 1e-9), time.time()
                 writer.write(step, {**last, "steps_per_sec": sps})
                 progress.report(step, sps)
+            saved = False
             if _every(step, c.every_steps, final):
                 finite.check()  # never save a NaN state
-                ckpt_lib.save(manager, step, state, train_iter, force=final)
+                saved = ckpt_lib.save(manager, step, state, train_iter, force=final, model=mcfg)
+            if preemption.requested(step) and not final:
+                _stop_for_preemption(manager, step, state, train_iter, finite, writer, mcfg, saved)
             if _every(step, log.eval_every_steps, final):
                 writer.write(step, evaluator.val_loss(state["ema"]))
             if _every(step, log.sample_every_steps, final):
@@ -322,7 +397,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 writer.write(step, evaluator.fid_hook(step, state["ema"]))
     manager.wait_until_finished()
     if sharding.is_chief():
-        ckpt_lib.save_inference(workdir / "inference", evaluator.mcfg.to_dict(), nnx.to_pure_dict(state["ema"]),
+        ckpt_lib.save_inference(workdir / "inference", mcfg.to_dict(), nnx.to_pure_dict(state["ema"]),
                                 extra={"step": int(state["step"]), "sampler": dict(config.sampler)})
     writer.close()
     return last

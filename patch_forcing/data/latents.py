@@ -19,6 +19,8 @@ import msgpack
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 import numpy as np
 
+from patch_forcing import UserError
+
 FORMAT_VERSION = 1
 METADATA = "metadata.json"
 MODES = ("mean", "sample", "moments")
@@ -161,7 +163,9 @@ class LatentSource:
     """grain random-access source over a finished latent directory.
 
     `source[i]` -> {'latent': float32 (2, h, w, c) with flips else (h, w, c), 'label': int32}.
-    `verify=True` also checks each shard's sha256 (reads every byte once).
+    `verify=True` also checks each shard's sha256 (reads every byte once). A truncated shard fails
+    here, a damaged record, one of another shape or with NaN/inf when read: a UserError naming
+    the shard and the record.
     """
 
     def __init__(self, directory: str, verify: bool = False):
@@ -185,7 +189,18 @@ class LatentSource:
             for p, s in zip(paths, shards):
                 if "sha256" in s and file_sha256(p) != s["sha256"]:
                     raise ValueError(f"latent shard {p!r} does not match its sha256 in {METADATA}")
-        self._source = grain.sources.ArrayRecordDataSource(paths)
+        self.paths, self.shard_size = paths, meta["shard_size"]
+        try:
+            self._source = grain.sources.ArrayRecordDataSource(paths)
+        except Exception:  # noqa: BLE001 - array_record raises RuntimeError/ValueError for a bad file
+            for p in paths:  # name the shard (opening one reads its footer: cheap)
+                try:
+                    count_records(p)
+                except Exception as e:  # noqa: BLE001 - as above
+                    raise UserError(f"latent shard {p} is truncated or damaged ({type(e).__name__}: "
+                                    f"{str(e).strip() or 'unreadable'}); extract it again or restore it "
+                                    f"(its sha256 is in {METADATA})") from None
+            raise
         if len(self._source) != total:
             raise ValueError(f"latent shards in {directory!r} hold {len(self._source)} records, "
                              f"{METADATA} says {total}")
@@ -198,8 +213,21 @@ class LatentSource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        r = decode_record(self._source[index])
-        return {"latent": r["latent"].astype(np.float32), "label": np.int32(r["label"])}
+        try:
+            r = decode_record(self._source[index])
+        except Exception as e:  # noqa: BLE001 - array_record and msgpack raise many types
+            raise UserError(f"{self.where(index)} cannot be read ({type(e).__name__}: {e})") from None
+        latent = r["latent"].astype(np.float32)
+        if latent.shape != self.record_shape:
+            raise UserError(f"{self.where(index)} has shape {latent.shape}, {METADATA} says {self.record_shape}")
+        if not np.isfinite(latent).all():
+            raise UserError(f"{self.where(index)} holds NaN/inf")
+        return {"latent": latent, "label": np.int32(r["label"])}
+
+    def where(self, index: int) -> str:
+        """'latent shard <path> record <j> (example <index>)'."""
+        shard, record = divmod(int(index), self.shard_size)
+        return f"latent shard {self.paths[shard]} record {record} (example {index})"
 
     def __repr__(self) -> str:
         m = self.metadata

@@ -18,6 +18,8 @@ import dataclasses
 import gzip
 import os
 import re
+import zipfile
+import zlib
 from typing import Any
 
 import grain
@@ -25,6 +27,7 @@ import numpy as np
 from absl import flags
 from sklearn.datasets import load_digits
 
+from patch_forcing import UserError
 from patch_forcing.data import latents
 
 __all__ = [
@@ -140,21 +143,34 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Reads an IDX file (gzip or raw), e.g. MNIST images (N, 28, 28) uint8 or labels (N,)."""
+    """Reads an IDX file (gzip or raw), e.g. MNIST images (N, 28, 28) uint8 or labels (N,);
+    a truncated or damaged file is a one-line UserError naming it."""
     with open(path, "rb") as f:
         raw = f.read()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:
+            raise UserError(f"{path}: truncated or damaged gzip ({e}); download it again") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-        raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()!r}; expected "
-                         "00 00 <dtype code> <ndim>, e.g. 00000803 for MNIST images)")
+        raise UserError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()!r}; expected "
+                        "00 00 <dtype code> <ndim>, e.g. 00000803 for MNIST images)")
     ndim, dtype = raw[3], np.dtype(_IDX_DTYPES[raw[2]])
     header = 4 + 4 * ndim
     dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
     if len(raw) != header + int(np.prod(dims)) * dtype.itemsize:
-        raise ValueError(f"{path}: IDX header says shape {dims} of {dtype} but the file holds "
-                         f"{len(raw) - header} data bytes")
-    return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+        raise UserError(f"{path}: IDX header says shape {dims} of {dtype} but the file holds "
+                        f"{len(raw) - header} data bytes (truncated?)")
+    array = np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+    _check_finite(array, path)
+    return array
+
+
+def _check_finite(images: np.ndarray, where) -> None:
+    """UserError naming `where` and the first example with NaN/inf (float data only)."""
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        bad = int(np.argmin(np.isfinite(images).reshape(len(images), -1).all(axis=1)))
+        raise UserError(f"{where}: the data holds NaN/inf (first in example {bad})")
 
 
 def _idx_file(directory: str, base: str, kind: str, ndim: int) -> str | None:
@@ -212,6 +228,7 @@ class _Raw:
     num_classes: int | None
     name: str
     moments: bool = False  # latents stored as [mean, logvar] channels: sample (train) / mean (eval)
+    where: str = ""  # the file or directory read, for error messages
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None, raise_missing: bool = True):
@@ -268,22 +285,35 @@ def _mnist_source(cfg, split: str) -> _Raw:
     images, labels = read_idx(images_path), read_idx(labels_path).astype(np.int32)
     s = _slice(split, len(images))
     return _Raw(ArraySource(images[s, ..., None], labels[s]), (*images.shape[1:], 1), 255.0, 10,
-                "mnist")
+                "mnist", where=images_path)
 
 
 def _arrays_source(cfg, split: str) -> _Raw:
     path, base = _get(cfg, "data_dir"), parse_split(split)[0]
-    with np.load(path) as f:
-        prefix = f"{base}_" if f"{base}_images" in f.files else ""
-        if f"{prefix}images" not in f.files or f"{prefix}labels" not in f.files:
-            raise ValueError(f"data.data_dir={path!r} must be an .npz with 'images' and 'labels' "
-                             f"(or '{base}_images', '{base}_labels')")
-        images, labels = f[f"{prefix}images"], f[f"{prefix}labels"].astype(np.int32)
+    images, labels = _read_npz(path, base)
+    _check_finite(images, path)
     images = images[..., None] if images.ndim == 3 else images
     s = _slice(split, len(images))
     n_cls = int(labels.max()) + 1 if len(labels) else None
     pixel_max = 255.0 if images.dtype == np.uint8 else None
-    return _Raw(ArraySource(images[s], labels[s]), images.shape[1:], pixel_max, n_cls, "arrays")
+    return _Raw(ArraySource(images[s], labels[s]), images.shape[1:], pixel_max, n_cls, "arrays", where=path)
+
+
+def _read_npz(path: str, base: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels int32) of an .npz; a truncated or damaged file is a UserError naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.data_dir={path!r}: no such .npz file")
+    try:
+        with np.load(path) as f:
+            prefix = f"{base}_" if f"{base}_images" in f.files else ""
+            if f"{prefix}images" not in f.files or f"{prefix}labels" not in f.files:
+                raise UserError(f"data.data_dir={path!r} must be an .npz with 'images' and 'labels' "
+                                f"(or '{base}_images', '{base}_labels')")
+            return f[f"{prefix}images"], f[f"{prefix}labels"].astype(np.int32)
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{path}: not a readable .npz, truncated or damaged ({type(e).__name__}: {e})") from None
 
 
 def _latent_source(cfg, split: str) -> _Raw:
@@ -295,7 +325,7 @@ def _latent_source(cfg, split: str) -> _Raw:
     h, w, c = tuple(np.shape(src[0]["latent"]))[-3:]
     n_cls = len(meta["classes"]) if meta.get("classes") else None
     return _Raw(_View(src, _slice(split, len(src)), key="latent"), (h, w, c // 2 if moments else c),
-                None, n_cls, "latents", moments)
+                None, n_cls, "latents", moments, where=src.directory)
 
 
 def _raw_source(cfg, split: str) -> _Raw:
@@ -324,15 +354,16 @@ def _checked_raw(cfg, split: str) -> tuple[_Raw, dict]:
     pad = _get(cfg, "pad", 0)
     shape = (raw.shape[0] + 2 * pad, raw.shape[1] + 2 * pad, raw.shape[2])
     want = _image_size(cfg)
+    what = f"{raw.name!r} ({raw.where})" if raw.where else repr(raw.name)
     if want is not None and want != shape[:2]:
-        raise ValueError(f"data.image_size={want} must equal the stored size {raw.shape[:2]} plus "
-                         f"2*data.pad={2 * pad}, i.e. {shape[:2]}")
+        raise UserError(f"data.image_size={want} must equal the stored size {raw.shape[:2]} of {what} "
+                        f"plus 2*data.pad={2 * pad}, i.e. {shape[:2]}")
     channels = _get(cfg, "channels", None)
     if channels is not None and channels != shape[2]:
-        raise ValueError(f"data.channels={channels} but {raw.name!r} has {shape[2]} channels")
+        raise UserError(f"data.channels={channels} but {what} has {shape[2]} channels")
     num_classes = _get(cfg, "num_classes", None)
     if num_classes is not None and raw.num_classes is not None and raw.num_classes > num_classes:
-        raise ValueError(f"data.num_classes={num_classes} but {raw.name!r} has {raw.num_classes}")
+        raise UserError(f"data.num_classes={num_classes} but {what} has {raw.num_classes}")
     meta = dict(image_shape=shape, num_classes=raw.num_classes or num_classes,
                 num_examples=len(raw.source), name=raw.name)
     return raw, meta
