@@ -6,11 +6,16 @@ imports. Nothing here needs TensorFlow, so GPU images without it log all the sam
 from __future__ import annotations
 
 import json
+import sys
 import time
+import types
 
 from absl import logging
 from etils import epath
 
+# TensorBoard writes event files through its TensorFlow stub when `tensorboard.compat.notf` exists;
+# without it, an installed TensorFlow is imported (~3 s per process) only to write scalars.
+sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 try:  # optional: event files for TensorBoard (the package writes them without TensorFlow)
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.event_file_writer import EventFileWriter

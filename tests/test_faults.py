@@ -38,10 +38,8 @@ RUN_FLAGS = ("--config=configs/digits.py:smoke", f"--config.train.num_steps={STE
              "--config.log.sample_every_steps=1000")
 # main under a hook that (with PF_TEST_HOLD_COMMIT=<seconds>:<dir>) touches <dir>/<step> and waits
 # before orbax commits each step, so a test can signal or kill the process in the middle of a save.
-# (The TensorBoard writer would import TensorFlow, installed here: its stub writes the same events.)
 RUNNER = """
-import os, sys, time, types
-sys.modules["tensorboard.compat.notf"] = types.ModuleType("notf")  # TensorBoard's TF stub: no 3 s TF import
+import os, sys, time
 hold = os.environ.get("PF_TEST_HOLD_COMMIT")
 if hold:
     from orbax.checkpoint._src.path import atomicity
