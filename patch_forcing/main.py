@@ -16,7 +16,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from patch_forcing import config_lib, generate, train  # noqa: E402
+from patch_forcing import cluster, config_lib, generate, train  # noqa: E402
 from patch_forcing.evaluation import fid  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -24,6 +24,7 @@ config_flags.DEFINE_config_file("config", None, "Config file (a .py with get_con
 flags.DEFINE_string("workdir", None, "Work directory: local path or any path etils accepts (gs://...).")
 flags.DEFINE_enum("mode", "train", list(config_lib.MODES), "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
+cluster.define_flags(FLAGS)
 
 
 def _quiet_orbax(record) -> bool:
@@ -34,8 +35,7 @@ def _quiet_orbax(record) -> bool:
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_quiet_orbax)
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-        jax.distributed.initialize()  # multi-host: TPU pods, or clusters that set the coordinator
+    cluster.initialize_from_flags(FLAGS)  # before anything touches a device
     logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())
     config_lib.validate(FLAGS.config, FLAGS.mode)  # fails on a bad field before anything compiles

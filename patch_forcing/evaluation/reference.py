@@ -65,15 +65,14 @@ def _data_reference(config, out_dir, fnet: FeatureNetwork) -> tuple[dict, str]:
     split = str(config.data.split_eval)
     cache = out_dir / f"reference-{_slug(f'{config.data.name}-{split}')}-{_slug(fnet.name)}.npz"
     shape = (*tuple(config.data.image_size), int(config.data.channels))
-    if not _cache_fits(cache, fnet, shape):
-        if sharding.is_chief():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            stats = metrics.reference_stats_from_images(
-                _data_batches(config, split, int(config.eval.batch_size)), fnet.host_fn(),
-                keep_pool=REF_POOL, network=fnet.name)
-            with cache.open("wb") as f:
-                metrics.save_reference_stats(f, stats)
-        sharding.sync("reference")
+    if sharding.is_chief() and not _cache_fits(cache, fnet, shape):  # the others wait at the sync
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stats = metrics.reference_stats_from_images(
+            _data_batches(config, split, int(config.eval.batch_size)), fnet.host_fn(),
+            keep_pool=REF_POOL, network=fnet.name)
+        with cache.open("wb") as f:
+            metrics.save_reference_stats(f, stats)
+    sharding.sync("reference")  # on every process, whether or not the cache was there
     with cache.open("rb") as f:
         return metrics.load_reference_stats(f), f"data:{config.data.name}:{split}"
 
@@ -92,13 +91,12 @@ def _npz_reference(ref: str, out_dir, fnet: FeatureNetwork, batch_size: int) -> 
         logging.warning("%s has no reference features or images: no precision/recall", ref)
         return stats
     cache = out_dir / f"reference-{_slug(epath.Path(ref).stem)}-{_slug(fnet.name)}-pool.npz"
-    if not cache.exists():
-        if sharding.is_chief():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            feats = metrics.extract_features(metrics.iter_npz_batches(ref, batch_size), fnet.host_fn())
-            with cache.open("wb") as f:
-                np.savez(f, pool=feats["pool"][:REF_POOL])
-        sharding.sync("reference_pool")
+    if sharding.is_chief() and not cache.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        feats = metrics.extract_features(metrics.iter_npz_batches(ref, batch_size), fnet.host_fn())
+        with cache.open("wb") as f:
+            np.savez(f, pool=feats["pool"][:REF_POOL])
+    sharding.sync("reference_pool")
     with cache.open("rb") as f, np.load(f) as z:
         stats["pool"] = z["pool"]
     return stats
