@@ -62,7 +62,8 @@ def restore(manager, step: int, abstract_state: Any, data_iter=None) -> Any:
 
 # --------------------------------------------------------------------------- inference checkpoints
 def save_inference(directory: str | epath.Path, model_config: dict, params: Any, extra: dict | None = None) -> None:
-    """Write EMA `params` (a nested dict of arrays) and the JSON-able `model_config`."""
+    """Write EMA `params` (a nested dict of host arrays) and the JSON-able `model_config`. With
+    several processes every one calls it (orbax's save is collective); process 0 writes."""
     directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(np.asarray, jax.device_get(params))
@@ -70,7 +71,8 @@ def save_inference(directory: str | epath.Path, model_config: dict, params: Any,
         ckptr.save(directory / "params", params, force=True)
         ckptr.wait_until_finished()
     meta = {"format": INFERENCE_FORMAT, "model": model_config, **(extra or {})}
-    (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if jax.process_index() == 0:
+        (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def is_inference_checkpoint(directory: str | epath.Path) -> bool:

@@ -80,13 +80,15 @@ def initialize(mode: str = "auto", *, coordinator_address: str | None = None, nu
                process_id: int | None = None, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
                barrier_timeout_s: float = sharding.BARRIER_TIMEOUT_S) -> Plan:
     """Start JAX's distributed runtime per `plan`, before anything touches a device; check the
-    process count. A host silent for `heartbeat_timeout_s` makes the others abort; a barrier
-    (`sharding.sync`) that waits longer than `barrier_timeout_s` raises naming it."""
+    process count. A host silent for `heartbeat_timeout_s` (crashed, preempted) makes the others
+    abort; a barrier (`sharding.sync`) that waits longer than `barrier_timeout_s` for a stuck host
+    raises naming it, and the exit waits at most as long again for the others."""
     p = plan(mode, coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id,
              on_tpu_vm=bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False)))
     sharding.set_barrier_timeout(barrier_timeout_s)
     if p.initialize:
-        jax.distributed.initialize(**p.kwargs, heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+        jax.distributed.initialize(**p.kwargs, heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+                                   shutdown_timeout_seconds=max(1, int(barrier_timeout_s)))
     check_process_count(p, jax.process_count())
     logging.info("process %d of %d (%s), %d local of %d devices", jax.process_index(), jax.process_count(),
                  p.source, jax.local_device_count(), jax.device_count())

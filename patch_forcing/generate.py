@@ -19,8 +19,6 @@ import jax
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from patch_forcing import checkpoint, config_lib, pictures, sharding
@@ -47,7 +45,7 @@ def sample_and_save(config, workdir: str, *, devices=None) -> epath.Path:
     out = workdir / "samples" / name
 
     mesh = sharding.flat_mesh(devices)
-    split, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, P())
+    split = sharding.batch_sharding(mesh)
     n = int(config.sample.num_images)
     bs = math.ceil(int(config.sample.batch_size) / mesh.size) * mesh.size  # a multiple of the devices
     key = jax.random.key(config.seed)
@@ -55,10 +53,10 @@ def sample_and_save(config, workdir: str, *, devices=None) -> epath.Path:
     h, w = mcfg.image_size
     sample_fn = samplers.make_sample_fn(apply, scfg, return_trajectory=False)
     traj_fn = samplers.make_sample_fn(apply, scfg, return_trajectory=True)
-    params = jax.device_put(params, replicated)
+    params = sharding.replicate(params, mesh)
     decode, vae_params = vae.load_decoder(config.sample.vae) if config.sample.vae else (None, None)
     decode = jax.jit(decode) if decode else None
-    vae_params = jax.device_put(vae_params, replicated) if decode else None
+    vae_params = sharding.replicate(vae_params, mesh) if decode else None
 
     def global_array(x):  # the same host array on every process -> split over the mesh
         return jax.make_array_from_callback(x.shape, split, lambda idx: x[idx])

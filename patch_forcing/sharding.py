@@ -54,6 +54,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(axes or None))
 
 
+def replicate(tree, mesh: Mesh):
+    """A pytree of host-local values (numpy, or arrays on this host's devices) copied to every
+    device of `mesh`, which may span hosts: each host gives its own identical copy. Leaves already
+    replicated over `mesh` stay as they are."""
+    target = NamedSharding(mesh, P())
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(target, x.ndim):
+            return x
+        return jax.device_put(np.asarray(x), target)
+
+    return jax.tree.map(put, tree)
+
+
 def to_global_batch(batch, mesh: Mesh):
     """Host-local numpy batch (B_local, ...) -> jax.Arrays (B, ...) split over the batch axes."""
     sharding = batch_sharding(mesh)

@@ -7,8 +7,9 @@ data (latents as stored, already scaled), and `label` int32 (B_local,). Sources 
 Splits are tfds-style strings: 'test', 'test[:8000]', 'train[10%:]', 'test[-2000:]'.
 
 What a reader must know: the training stream is shuffle(seed) -> repeat -> per-example randomness
-seeded by (seed, global index) -> host shard [process_index::process_count] -> batch, so the
-union over hosts of their k-th batches is exactly the k-th global batch of a 1-host run, and the
+seeded by (seed, global index) -> batches of B/P -> host p takes batches p, p+P, ..., so host p's
+k-th batch is rows [p*B/P, (p+1)*B/P) of the k-th global batch of a 1-host run, in order: the
+global batch that `sharding.to_global_batch` assembles from the hosts is that batch exactly, and the
 iterator's state (`get_state`/`set_state`, checkpointed by `checkpoint.py`) resumes it exactly.
 """
 
@@ -394,8 +395,8 @@ def make_train_iterator(data_cfg, seed: int, process_index: int = 0, process_cou
     pre = _Preprocess(raw.pixel_max, _get(data_cfg, "pad", 0), bool(_get(data_cfg, "hflip", False)),
                       raw.moments)
     ds = grain.MapDataset.source(raw.source).shuffle(seed=seed).repeat()
-    ds = ds.random_map(pre, seed=seed)[process_index::process_count]
-    ds = ds.batch(_get(data_cfg, "batch_size") // process_count, drop_remainder=True)
+    ds = ds.random_map(pre, seed=seed).batch(_get(data_cfg, "batch_size") // process_count, drop_remainder=True)
+    ds = ds[process_index::process_count]  # host p: rows [p*B/P, (p+1)*B/P) of every global batch
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     workers = _get(data_cfg, "num_workers", 0)
     if workers > 0:
