@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from patch_forcing import paths
 from patch_forcing.models import dit
 
 INFERENCE_FORMAT = "patch_forcing.inference/1"
@@ -37,7 +38,7 @@ def make_manager(directory: str | epath.Path, *, every_steps: int, keep: int, as
         create=True,
     )
     return ocp.CheckpointManager(
-        epath.Path(directory),
+        epath.Path(paths.native(directory)),  # orbax and tensorstore open gs:// themselves
         options=options,
         item_names=("state", "data"),
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
@@ -68,7 +69,7 @@ def save_inference(directory: str | epath.Path, model_config: dict, params: Any,
     directory.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(np.asarray, jax.device_get(params))
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / "params", params, force=True)
+        ckptr.save(epath.Path(paths.native(directory / "params")), params, force=True)
         ckptr.wait_until_finished()
     meta = {"format": INFERENCE_FORMAT, "model": model_config, **(extra or {})}
     if jax.process_index() == 0:
@@ -92,7 +93,7 @@ def load_inference(directory: str | epath.Path) -> tuple[dict, Any, dict]:
     if meta.get("format") != INFERENCE_FORMAT:
         raise ValueError(f"{directory}/config.json has format {meta.get('format')!r}, expected {INFERENCE_FORMAT!r}")
     with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(directory / "params")
+        params = ckptr.restore(epath.Path(paths.native(directory / "params")))
     return meta["model"], params, meta
 
 

@@ -11,6 +11,8 @@ import time
 from absl import logging
 from etils import epath
 
+from patch_forcing import paths
+
 try:  # optional: event files for TensorBoard (the package writes them without TensorFlow)
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -26,7 +28,7 @@ class MetricWriter:
         self._jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a") if enabled else None
         self._events = None
         if enabled and EventFileWriter is not None:
-            self._events = EventFileWriter(str(workdir))
+            self._events = EventFileWriter(paths.native(workdir))
         elif enabled:
             logging.warning("tensorboard is not installed: no TensorBoard events (metrics.jsonl has them all)")
 

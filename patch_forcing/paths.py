@@ -63,6 +63,17 @@ def atomic_write(p: PathLike, data: bytes) -> None:
 
 
 @contextlib.contextmanager
+def reading(p) -> Iterator:
+    """A binary file object for a path (local or remote), or `p` itself when it is already one
+    (for numpy/zipfile readers that take either)."""
+    if hasattr(p, "read"):
+        yield p
+        return
+    with path(p).open("rb") as f:
+        yield f
+
+
+@contextlib.contextmanager
 def local_file(p: PathLike) -> Iterator[str]:
     """A local file name to write `p` through: `p` itself when local; for a remote `p` a temporary
     file that is uploaded to `p` when the block succeeds (and removed either way)."""

@@ -26,6 +26,7 @@ import numpy as np
 from absl import flags
 from sklearn.datasets import load_digits
 
+from patch_forcing import paths
 from patch_forcing.data import latents
 
 __all__ = [
@@ -142,8 +143,7 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads an IDX file (gzip or raw), e.g. MNIST images (N, 28, 28) uint8 or labels (N,)."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = paths.path(path).read_bytes()
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES or raw[3] == 0:
@@ -159,9 +159,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def _idx_file(directory: str, base: str, kind: str, ndim: int) -> str | None:
-    stem = os.path.join(directory, _MNIST_FILES[base].format(kind, ndim))
-    for path in (stem + ".gz", stem):
-        if os.path.exists(path):
+    stem = paths.path(directory) / _MNIST_FILES[base].format(kind, ndim)
+    for path in (f"{stem}.gz", str(stem)):
+        if paths.path(path).exists():
             return path
     return None
 
@@ -274,7 +274,7 @@ def _mnist_source(cfg, split: str) -> _Raw:
 
 def _arrays_source(cfg, split: str) -> _Raw:
     path, base = _get(cfg, "data_dir"), parse_split(split)[0]
-    with np.load(path) as f:
+    with paths.reading(path) as fo, np.load(fo) as f:
         prefix = f"{base}_" if f"{base}_images" in f.files else ""
         if f"{prefix}images" not in f.files or f"{prefix}labels" not in f.files:
             raise ValueError(f"data.data_dir={path!r} must be an .npz with 'images' and 'labels' "
@@ -289,8 +289,14 @@ def _arrays_source(cfg, split: str) -> _Raw:
 
 def _latent_source(cfg, split: str) -> _Raw:
     data_dir, base = _get(cfg, "data_dir"), parse_split(split)[0]
-    sub = os.path.join(data_dir, base) if base else data_dir
-    src = latents.LatentSource(sub if os.path.isdir(sub) else data_dir)
+    sub = paths.path(data_dir) / base if base else paths.path(data_dir)
+    if base and not sub.is_dir():  # the 'train' latents may sit in data_dir itself; other splits never
+        if base != "train":
+            raise FileNotFoundError(
+                f"data split {split!r}: no latent directory {sub} (data.data_dir={data_dir!r}); extract that "
+                f"split there: python -m patch_forcing.tools.extract_latents --split={base} --out={sub} ...")
+        sub = paths.path(data_dir)
+    src = latents.LatentSource(str(sub))
     meta = getattr(src, "metadata", {})
     moments = meta.get("mode") == "moments"
     h, w, c = tuple(np.shape(src[0]["latent"]))[-3:]

@@ -85,7 +85,7 @@ def _npz_reference(ref: str, out_dir, fnet: FeatureNetwork, batch_size: int) -> 
                          f"not of config.eval.feature_network's {fnet.name!r}")
     if "pool" in stats:
         return stats
-    with np.load(ref) as f:
+    with epath.Path(ref).open("rb") as fo, np.load(fo) as f:
         has_images = "arr_0" in f.files
     if not has_images:
         logging.warning("%s has no reference features or images: no precision/recall", ref)
