@@ -22,6 +22,8 @@ from patch_forcing.evaluation import metrics
 from patch_forcing.evaluation.features import FeatureNetwork
 
 REF_POOL = 10_000  # reference features kept for precision/recall (ADM's reference batches: 10k)
+ADM_REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+                     "VIRTUAL_imagenet256_labeled.npz")
 
 
 def _slug(s: str) -> str:
@@ -53,7 +55,8 @@ def reference_stats(config, workdir, fnet: FeatureNetwork) -> tuple[dict, str]:
     if ref == "data":
         return _data_reference(config, out_dir, fnet)
     if not epath.Path(ref).exists():
-        raise FileNotFoundError(f"config.eval.reference={ref!r}: no such file (use 'data' or a reference .npz)")
+        raise FileNotFoundError(f"config.eval.reference={ref!r}: no such file (use 'data' for pixel data or a "
+                                f"reference .npz, local or gs://; ImageNet 256: {ADM_REFERENCE_URL})")
     return _npz_reference(ref, out_dir, fnet, int(config.eval.batch_size)), f"npz:{ref}"
 
 
