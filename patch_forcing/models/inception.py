@@ -395,7 +395,7 @@ def load_inception(path: str | None = None) -> dict:
     if not paths.path(path).is_file():
         raise FileNotFoundError(
             f"Inception weights not found at {path!r}; download {FID_WEIGHTS_URL} to that path "
-            f"(or call patch_forcing.inception.download_inception_weights(), needs network), or "
+            f"(or call patch_forcing.models.inception.download_inception_weights(), needs network), or "
             f"set ${WEIGHTS_ENV} to the file")
     import torch  # optional: only to read the .pth
 
