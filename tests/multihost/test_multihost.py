@@ -3,7 +3,8 @@ collectives) and compared with 1 process x 8 devices over the same mesh and glob
 
 Both jobs start once per module (concurrently); the tests read what they left:
   training    digits over a (data=2, fsdp=4) mesh, the 2-process run stopped at step 4 and resumed
-              by a second start (orbax restore on every host), the FID hook every 4 steps
+              by a second start on a (data=1, fsdp=8) mesh (parameters sharded across the hosts,
+              orbax restore on every host into another sharding), the FID hook every 4 steps
   evaluate    --mode=evaluate (sharded sampling, gathered features), --mode=sample
   latents     extract_latents, each host encoding and writing its own shards
 Sampling, evaluation and latents are bit-identical. Training is equal up to float32 reduction
@@ -203,15 +204,15 @@ def test_latents_each_host_writes_its_shards_and_the_set_equals_one_process(runs
 
 
 # ----------------------------------------------------------------------------- failures
-def test_a_stuck_host_stops_the_others_with_an_error_naming_the_barrier(tmp_path):
+def test_a_dead_and_a_stuck_host_stop_everyone_with_an_error_naming_the_barrier(tmp_path):
     job = harness.Job(WORKER, [f"--out={tmp_path}", "--scenarios=barrier", "--barrier_timeout=3",
-                               "--heartbeat_timeout=60"], num_processes=2, devices_per_process=1,
+                               "--heartbeat_timeout=60"], num_processes=3, devices_per_process=1,
                       log_dir=tmp_path / "logs", timeout=120)
     results = job.start().wait(check=False)
-    chief, stuck = results
-    assert chief.returncode != 0
-    assert re.search(r"TimeoutError: process 0 of 2: barrier 'stuck_host' timed out after 3 s "
-                     r"\(# of tasks that reached the barrier: 1/2\.\); another host is dead or stuck", chief.log)
+    chief, dead, stuck = results
+    assert chief.returncode != 0 and dead.returncode == 1
+    assert re.search(r"TimeoutError: process 0 of 3: barrier 'stuck_host' timed out after 3 s "
+                     r"\(# of tasks that reached the barrier: 1/3\.\); another host is dead or stuck", chief.log)
     # the stuck host (sleeping 300 s) is stopped too, by JAX's distributed runtime
     assert stuck.returncode != 0 and "detected fatal errors" in stuck.log
     assert max(chief.seconds, stuck.seconds) < 60, (chief.seconds, stuck.seconds)

@@ -3,14 +3,17 @@
 
 It starts exactly as `patch_forcing.main` does (cluster.define_flags / initialize_from_flags), then
 runs the scenarios in one process lifetime, each on the real entry functions:
-  train       digits over a (data=2, fsdp=4) mesh with the FID hook; with --resume_at=K it stops
-              at step K and a second `train_and_evaluate` resumes from the checkpoints (as a relaunch)
+  train       digits over a (data=2, fsdp=4) mesh (data across hosts) with the FID hook; with
+              --resume_at=K it stops at step K and a second `train_and_evaluate` resumes from the
+              checkpoints (as a relaunch) on a (data=1, fsdp=8) mesh: the parameters are then sharded
+              across hosts and restored into another sharding
   duplicate   2 train steps where every host reads process 0's data shard (the deliberately
               broken split that the equivalence check must catch); losses to <out>/duplicate-losses.json
   evaluate    --mode=evaluate of <assets>/inference (a fixed random DiT) in <out>/eval
   sample      --mode=sample of the same
   latents     extract_latents of <assets>/images with <assets>/vae into <out>/latents
-  barrier     process 1 never reaches a barrier (a stuck host): process 0 must stop with an error
+  barrier     process 1 dies, process 2 is stuck: process 0 stops at the barrier with an error naming
+              it, and JAX's runtime stops the stuck one
 Process i writes <out>/process-<i>.json: the latent shards it encoded and how often it called the
 writers that only process 0 may call (pictures, reports, metric lines).
 """
@@ -82,9 +85,13 @@ def _count_chief_only_writes(counts: dict) -> None:
 
 def _train(out: str) -> None:
     workdir = os.path.join(out, "train")
-    if FLAGS.resume_at:
-        train.train_and_evaluate(config(FLAGS.resume_at), workdir)  # a run that stops (preempted)
-    train.train_and_evaluate(config(), workdir)  # the relaunch resumes from its checkpoints
+    if not FLAGS.resume_at:
+        train.train_and_evaluate(config(), workdir)
+        return
+    train.train_and_evaluate(config(FLAGS.resume_at), workdir)  # a run that stops (preempted)
+    c = config()
+    c.mesh.data, c.mesh.fsdp = 1, 8  # the relaunch shards the model across the hosts
+    train.train_and_evaluate(c, workdir)
 
 
 def _duplicate(out: str) -> None:
@@ -115,7 +122,9 @@ def _latents(out: str, assets: str, report: dict) -> None:
 
 def _barrier() -> None:
     if jax.process_index() == 1:
-        time.sleep(300)  # stuck: never reaches the barrier (the runtime stops it)
+        os._exit(1)  # a host that dies
+    if jax.process_index() == 2:
+        time.sleep(300)  # a host that is stuck: never reaches the barrier (the runtime stops it)
         return
     sharding.sync("stuck_host")
 
