@@ -72,6 +72,7 @@ def test_latents_extracted_to_and_trained_from_a_bucket(bucket):
     c.train.num_steps, c.checkpoint.every_steps = 2, 2
     c.log.every_steps = c.log.eval_every_steps = c.log.sample_every_steps = 2
     c.log.num_eval_examples, c.sample.vae = 8, "gs://b/vae"
+    c.eval.reference = "gs://b/VIRTUAL_imagenet256_labeled.npz"  # latent data: a reference file, not 'data'
     train.train_and_evaluate(c, "gs://b/run")
     run = bucket / "b" / "run"
     assert (run / "checkpoints" / "2").is_dir() and (run / "inference" / "config.json").is_file()

@@ -3,7 +3,8 @@
 Batches are dicts of numpy arrays: `image` float32 (B_local, H, W, C) NHWC, in [-1, 1] for pixel
 data (latents as stored, already scaled), and `label` int32 (B_local,). Sources (`data.name`):
 'digits' (sklearn's bundled 8x8 digits), 'mnist' (IDX files or tfds), 'tfds', 'latents'
-(`data.latents.LatentSource`; a stored flip pair is the hflip augmentation) and 'arrays' (.npz).
+(`data.latents.LatentSource`; a stored flip pair is the hflip augmentation; split 'x' reads
+<data_dir>/x/, and 'train' may also be data_dir itself) and 'arrays' (.npz). Paths may be gs://.
 Splits are tfds-style strings: 'test', 'test[:8000]', 'train[10%:]', 'test[-2000:]'.
 
 What a reader must know: the training stream is shuffle(seed) -> repeat -> per-example randomness
