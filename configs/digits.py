@@ -10,6 +10,8 @@ inference checkpoint in <workdir>/inference.
 
 from configs import common
 
+PRESETS = ("", "smoke")
+
 
 def get_config(arg: str = ""):
     c = common.base_config()

@@ -1,31 +1,44 @@
 """The paper's ImageNet-256 recipe: PF-B/2 on SD-VAE ft-EMA latents (32x32x4).
 
-  python -m patch_forcing.main --config=configs/imagenet.py --workdir=gs://BUCKET/pf-b2 \
+  python -m patch_forcing.main --config=configs/imagenet.py --workdir=gs://BUCKET/runs/imagenet-B \
       --config.data.data_dir=gs://BUCKET/imagenet256-latents
-  python -m patch_forcing.main --config=configs/imagenet.py:XL ...      # PF-XL/2
-  python -m patch_forcing.main --config=configs/imagenet.py:B,sit ...   # SiT-B/2 global baseline
+  python -m patch_forcing.main --config=configs/imagenet.py:XL ...        # PF-XL/2
+  python -m patch_forcing.main --config=configs/imagenet.py:B,sit ...     # SiT-B/2 global baseline
+  python -m patch_forcing.main --config=configs/imagenet.py:XL,cfg4 ...   # guidance 4.0 (pictures)
 
-Expected: FID-50k (no guidance) 27.9 euler / 26.0 dual-loop / 24.2 look-ahead for B/2 at 400k
-steps, batch 256 (paper, Table 1). AdamW 1e-4, no weight decay, 1,000 warm-up steps then
-constant, clip 1.0, EMA 0.9999 every step, bf16 compute. Latents come from
-`python -m patch_forcing.tools.extract_latents` (horizontal flips are stored as pairs).
+AdamW 1e-4, no weight decay, 1,000 warm-up steps then constant, clip 1.0, EMA 0.9999 every step,
+bf16 compute, batch 256, 400k steps. data.data_dir holds `train/` and `validation/` latent
+directories from `python -m patch_forcing.tools.extract_latents` (flip pairs stored); the
+validation loss reads ImageNet's validation images, never training ones (the reference
+validates on its validation shards too).
+
+Evaluation defaults are the paper's headline protocol (Table 1): FID-50k without guidance
+(cfg 1.0), 100 sampling steps, uniform classes, Inception features against ADM's reference batch
+VIRTUAL_imagenet256_labeled.npz (download it from
+https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz
+and give its path, local or gs://, as --config.eval.reference). Expected for B/2 at 400k steps:
+27.9 euler_pf / 26.0 dual_loop / 24.2 look_ahead (the default sampler here). `,cfg4` is the
+guided setting of the pictures (cfg 4.0).
 """
 
 from configs import common
 
 SIZES = ("B", "L", "XL")
+OPTIONS = ("sit", "cfg4")
+PRESETS = tuple(f"{s}{o}" for s in SIZES for o in ("", ",sit", ",cfg4", ",sit,cfg4"))
+ADM_REFERENCE = "VIRTUAL_imagenet256_labeled.npz"
 
 
 def get_config(arg: str = "B"):
     parts = [a for a in (arg or "B").split(",") if a]
     size = parts[0]
-    if size not in SIZES or any(a not in ("sit",) for a in parts[1:]):
+    if size not in SIZES or any(a not in OPTIONS for a in parts[1:]):
         raise ValueError(f"configs/imagenet.py argument {arg!r}: size must be one of {list(SIZES)}, "
-                         "optionally followed by ',sit' for the global-time baseline")
+                         f"optionally followed by options from {list(OPTIONS)}, e.g. 'XL,cfg4'")
     sit = "sit" in parts[1:]
     c = common.base_config()
     c.data.name, c.data.data_dir = "latents", ""
-    c.data.split_train, c.data.split_eval = "train", "train[-10000:]"
+    c.data.split_train, c.data.split_eval = "train", "validation"
     c.data.image_size, c.data.channels, c.data.num_classes = (32, 32), 4, 1000
     c.data.hflip = True  # picks one of each stored flip pair
     c.data.batch_size = 256
@@ -40,6 +53,7 @@ def get_config(arg: str = "B"):
     c.log.every_steps, c.log.eval_every_steps, c.log.sample_every_steps = 100, 10_000, 10_000
     c.log.num_samples, c.log.num_eval_examples = 32, 1024
     c.sampler.name = "euler" if sit else "look_ahead"
-    c.sampler.cfg_scale = 4.0
-    c.sample.vae = "stabilityai/sd-vae-ft-ema"  # or a local diffusion_pytorch_model.safetensors
+    c.sampler.steps, c.sampler.cfg_scale = 100, 4.0 if "cfg4" in parts[1:] else 1.0
+    c.sample.vae = "stabilityai/sd-vae-ft-ema"  # or a local/gs:// diffusion_pytorch_model.safetensors
+    c.eval.num_samples, c.eval.feature_network, c.eval.reference = 50_000, "inception", ADM_REFERENCE
     return c

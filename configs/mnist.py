@@ -2,7 +2,7 @@
 background colour, so nothing new is drawn), with a small Patch Forcing DiT.
 
   python -m patch_forcing.main --config=configs/mnist.py --workdir=/tmp/pf_mnist \
-      --config.data.data_dir=../shared/data/mnist
+      --config.data.data_dir=/path/to/mnist
 
 Reads tensorflow-datasets' `mnist` when it is prepared locally, else the original IDX files in
 `data.data_dir` (data.source='auto'). Offline here, the IDX test split is the only MNIST: its first
@@ -14,6 +14,8 @@ With network and tfds: --config.data.source=tfds --config.data.split_train=train
 """
 
 from configs import common
+
+PRESETS = ("", "smoke")
 
 
 def get_config(arg: str = ""):

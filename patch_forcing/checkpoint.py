@@ -35,7 +35,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from patch_forcing import UserError
+from patch_forcing import UserError, paths
 from patch_forcing.models import dit
 from patch_forcing.models.layers import flat_shapes
 
@@ -54,7 +54,7 @@ def make_manager(directory: str | epath.Path, *, every_steps: int, keep: int, as
         create=True,
     )
     return ocp.CheckpointManager(
-        epath.Path(directory),
+        epath.Path(paths.native(directory)),  # orbax and tensorstore open gs:// themselves
         options=options,
         item_names=("state", "data"),
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
@@ -266,15 +266,17 @@ def _single_field_fit(cfg: dit.DiTConfig, got: dict, budget: int = 40) -> str | 
 
 # --------------------------------------------------------------------------- inference checkpoints
 def save_inference(directory: str | epath.Path, model_config: dict, params: Any, extra: dict | None = None) -> None:
-    """Write EMA `params` (a nested dict of arrays) and the JSON-able `model_config`."""
+    """Write EMA `params` (a nested dict of host arrays) and the JSON-able `model_config`. With
+    several processes every one calls it (orbax's save is collective); process 0 writes."""
     directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(np.asarray, jax.device_get(params))
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / "params", params, force=True)
+        ckptr.save(epath.Path(paths.native(directory / "params")), params, force=True)
         ckptr.wait_until_finished()
     meta = {"format": INFERENCE_FORMAT, "model": model_config, **(extra or {})}
-    (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if jax.process_index() == 0:
+        (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def is_inference_checkpoint(directory: str | epath.Path) -> bool:
@@ -305,7 +307,7 @@ def load_inference(directory: str | epath.Path) -> tuple[dict, Any, dict]:
         raise UserError(f"{config_file} has no 'model' block (the DiTConfig the params were trained with)")
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(params_dir)
+            params = ckptr.restore(epath.Path(paths.native(params_dir)))
     except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types on bad files
         _silence_abandoned_reads()
         raise UserError(f"{params_dir} cannot be read ({_root_cause(e)}): the inference checkpoint is damaged; "

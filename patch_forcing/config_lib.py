@@ -81,6 +81,9 @@ def validate(config, mode: str = "train") -> None:
     pipeline.check_config(d)
     if "eval" in config:
         check_eval(config.eval)
+        _require(not (d.name == "latents" and config.eval.reference == "data"),
+                 "config.eval.reference='data' needs pixel data, not config.data.name='latents': give a reference "
+                 ".npz of real images (for ImageNet 256 ADM's VIRTUAL_imagenet256_labeled.npz)")
     sampler_config(config, mcfg)
 
 

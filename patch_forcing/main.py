@@ -23,7 +23,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from patch_forcing import UserError, config_lib, generate, train  # noqa: E402
+from patch_forcing import UserError, cluster, config_lib, generate, train  # noqa: E402
 from patch_forcing.evaluation import fid  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -32,6 +32,7 @@ flags.DEFINE_string("workdir", None, "Work directory: local path or any path eti
 flags.DEFINE_enum("mode", "train", list(config_lib.MODES), "What to run.")
 flags.DEFINE_bool("verbose", False, "Also print the traceback of user errors (bad flags, config or files).")
 flags.mark_flags_as_required(["config", "workdir"])
+cluster.define_flags(FLAGS)
 
 
 def _quiet_orbax(record) -> bool:
@@ -42,8 +43,7 @@ def _quiet_orbax(record) -> bool:
 def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_quiet_orbax)
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-        jax.distributed.initialize()  # multi-host: TPU pods, or clusters that set the coordinator
+    cluster.initialize_from_flags(FLAGS)  # before anything touches a device
     logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())
     try:

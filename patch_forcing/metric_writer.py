@@ -13,6 +13,8 @@ import types
 from absl import logging
 from etils import epath
 
+from patch_forcing import paths
+
 # TensorBoard writes event files through its TensorFlow stub when `tensorboard.compat.notf` exists;
 # without it, an installed TensorFlow is imported (~3 s per process) only to write scalars.
 sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
@@ -31,7 +33,7 @@ class MetricWriter:
         self._jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a") if enabled else None
         self._events = None
         if enabled and EventFileWriter is not None:
-            self._events = EventFileWriter(str(workdir))
+            self._events = EventFileWriter(paths.native(workdir))
         elif enabled:
             logging.warning("tensorboard is not installed: no TensorBoard events (metrics.jsonl has them all)")
 

@@ -2,18 +2,23 @@
 
 The training mesh is (DATA, FSDP): the batch is split over both axes, and FSDP shards the model
 width (the 'embed' logical axis of every parameter). Multi-host helpers (`is_chief`, `sync`,
-`to_host`) are no-ops in a single process.
+`to_host`) are no-ops in a single process; `sync` is a barrier with a timeout, so a host that is
+dead or stuck stops the others with an error naming the barrier instead of a hang.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # the runtime's barrier, which takes a timeout
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA, FSDP = "data", "fsdp"
+BARRIER_TIMEOUT_S = 1800.0  # main.py --barrier_timeout: longest wait at a sync point
 BATCH_AXES = (DATA, FSDP)  # the batch dimension is split over every mesh axis
 
 
@@ -49,6 +54,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(axes or None))
 
 
+def replicate(tree, mesh: Mesh):
+    """A pytree of host-local values (numpy, or arrays on this host's devices) copied to every
+    device of `mesh`, which may span hosts: each host gives its own identical copy. Leaves already
+    replicated over `mesh` stay as they are."""
+    target = NamedSharding(mesh, P())
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(target, x.ndim):
+            return x
+        return jax.device_put(np.asarray(x), target)
+
+    return jax.tree.map(put, tree)
+
+
 def to_global_batch(batch, mesh: Mesh):
     """Host-local numpy batch (B_local, ...) -> jax.Arrays (B, ...) split over the batch axes."""
     sharding = batch_sharding(mesh)
@@ -77,10 +96,30 @@ def is_chief() -> bool:
     return jax.process_index() == 0
 
 
+_barrier = {"timeout_s": BARRIER_TIMEOUT_S, "count": itertools.count()}
+
+
+def set_barrier_timeout(seconds: float) -> None:
+    if not seconds > 0:
+        raise ValueError(f"--barrier_timeout={seconds} must be > 0 seconds")
+    _barrier["timeout_s"] = float(seconds)
+
+
 def sync(name: str) -> None:
-    """A barrier across processes (no-op in one process)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+    """A barrier across processes (no-op in one process). Every process must call the same syncs in
+    the same order; one that has not arrived after the barrier timeout stops the others."""
+    if jax.process_count() == 1:
+        return
+    timeout = _barrier["timeout_s"]
+    barrier = f"pf:{name}:{next(_barrier['count'])}"
+    try:
+        jax_distributed.global_state.client.wait_at_barrier(barrier, int(timeout * 1000))
+    except Exception as e:  # JaxRuntimeError DEADLINE_EXCEEDED; the runtime's text spans many lines
+        arrived = next((line for line in str(e).splitlines() if "reached the barrier" in line), "")
+        raise TimeoutError(
+            f"process {jax.process_index()} of {jax.process_count()}: barrier {name!r} timed out after "
+            f"{timeout:g} s ({arrived.strip()}); another host is dead or stuck, see its log "
+            f"(--barrier_timeout sets the limit)") from None
 
 
 def to_host(tree):

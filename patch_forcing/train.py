@@ -396,8 +396,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             if evaluator.fid_hook is not None and _every(step, config.eval.fid_every_steps, final):
                 writer.write(step, evaluator.fid_hook(step, state["ema"]))
     manager.wait_until_finished()
-    if sharding.is_chief():
-        ckpt_lib.save_inference(workdir / "inference", mcfg.to_dict(), nnx.to_pure_dict(state["ema"]),
-                                extra={"step": int(state["step"]), "sampler": dict(config.sampler)})
+    ema = sharding.to_host(nnx.to_pure_dict(state["ema"]))  # gathered on every host
+    ckpt_lib.save_inference(workdir / "inference", mcfg.to_dict(), ema,  # on every host: orbax syncs
+                            extra={"step": int(state["step"]), "sampler": dict(config.sampler)})
     writer.close()
     return last

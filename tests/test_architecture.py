@@ -16,17 +16,20 @@ PACKAGE = REPO / "patch_forcing"
 # module prefix -> the package modules it may import (besides itself and its own folder)
 ALLOWED = {
     "patch_forcing.presets": set(),
+    "patch_forcing.paths": set(),
     "patch_forcing.sharding": set(),
+    "patch_forcing.cluster": {"patch_forcing.sharding"},
     "patch_forcing.pictures": set(),
-    "patch_forcing.metric_writer": set(),
+    "patch_forcing.metric_writer": {"patch_forcing.paths"},
     "patch_forcing.flow": {"patch_forcing.presets", "patch_forcing.sharding"},
-    "patch_forcing.models": {"patch_forcing.presets", "patch_forcing.sharding", "patch_forcing.flow.interpolant"},
-    "patch_forcing.data": set(),
-    "patch_forcing.checkpoint": {"patch_forcing.models"},
-    "patch_forcing.config_lib": {"patch_forcing.data", "patch_forcing.flow", "patch_forcing.models"},
+    "patch_forcing.models": {"patch_forcing.presets", "patch_forcing.sharding", "patch_forcing.flow.interpolant",
+                             "patch_forcing.paths"},
+    "patch_forcing.data": {"patch_forcing.paths"},
+    "patch_forcing.checkpoint": {"patch_forcing.models", "patch_forcing.paths"},
+    "patch_forcing.config_lib": {"patch_forcing.data", "patch_forcing.flow", "patch_forcing.models", "patch_forcing.paths"},
     "patch_forcing.evaluation": {"patch_forcing.checkpoint", "patch_forcing.config_lib", "patch_forcing.data",
                                  "patch_forcing.flow", "patch_forcing.models", "patch_forcing.pictures",
-                                 "patch_forcing.sharding"},
+                                 "patch_forcing.sharding", "patch_forcing.paths"},
 }
 NEVER_IMPORTED = ("patch_forcing.main", "patch_forcing.tools")  # entry points: nothing below imports them
 

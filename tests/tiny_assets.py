@@ -2,7 +2,7 @@
 
 `write_assets(out)` writes
   out/pft-tiny_random.ckpt   a PyTorch dict in the authors' release format
-                             {'config': {'target': ...PatchForcingDiT, 'params': {...}},
+                             {'config': OmegaConf {'target': ...PatchForcingDiT, 'params': {...}},
                               'state_dict': {reference key: tensor}} (from tests/models/torch_dit.py,
                              random non-zero weights so velocities and difficulties vary)
   out/vae/                   a diffusers AutoencoderKL with a tiny config (downsampling 2), random
@@ -15,6 +15,7 @@ import pathlib
 
 import torch
 from diffusers import AutoencoderKL
+from omegaconf import OmegaConf
 
 from tests.models.torch_dit import TorchDiT  # the independent torch DiT with the reference key names
 
@@ -43,7 +44,8 @@ def write_checkpoint(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
         num_classes=p["num_classes"], per_patch=p["predict_uncertainty"],
     ).randomize(seed)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    torch.save({"config": {"target": TARGET, "params": dict(p)}, "state_dict": state}, path)
+    config = OmegaConf.create({"target": TARGET, "params": dict(p)})  # pickled as the release files are
+    torch.save({"config": config, "state_dict": state}, path)
     return path
 
 

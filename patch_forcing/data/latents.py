@@ -4,7 +4,9 @@ A latent directory holds `metadata.json` and `latents-<i>-of-<S>.array_record`; 
 examples [i*K, min((i+1)*K, N)) in source order. What a reader must know: a shard is written to
 `<name>.tmp`, fsynced, then renamed, and `metadata.json` lists only *finished* shards, so a file
 under its final name is always complete and a crash leaves at most a `.tmp` that a resumed run
-discards. The formats are in `write_metadata` and `encode_record`.
+discards (on gs:// a shard is uploaded whole under its final name: objects appear only once
+complete). Directories may be local or remote (`patch_forcing.paths`). The formats are in
+`write_metadata` and `encode_record`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from typing import Any, Mapping
 
 import grain
@@ -19,7 +23,7 @@ import msgpack
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 import numpy as np
 
-from patch_forcing import UserError
+from patch_forcing import UserError, paths
 
 FORMAT_VERSION = 1
 METADATA = "metadata.json"
@@ -61,27 +65,6 @@ def sample_moments(moments: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 # ----------------------------------------------------------------------------- writing
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
 def write_metadata(directory: str, meta: Mapping[str, Any]) -> None:
     """Atomically (re)write `metadata.json` (after every finished shard)::
 
@@ -92,16 +75,15 @@ def write_metadata(directory: str, meta: Mapping[str, Any]) -> None:
          "vae": {...}, "source": {...}, "classes": [...],
          "shards": [{"name": ..., "num_examples": K, "sha256": ...}]}   # finished, index order
     """
-    _atomic_write(os.path.join(directory, METADATA), (json.dumps(meta, indent=1) + "\n").encode())
+    paths.atomic_write(paths.path(directory) / METADATA, (json.dumps(meta, indent=1) + "\n").encode())
 
 
 def read_metadata(directory: str) -> dict[str, Any]:
-    path = os.path.join(directory, METADATA)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"latent directory {directory!r} has no {METADATA}; "
+    path = paths.path(directory) / METADATA
+    if not path.is_file():
+        raise FileNotFoundError(f"latent directory {str(directory)!r} has no {METADATA}; "
                                 f"make one with `python -m patch_forcing.tools.extract_latents`")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version={meta.get('format_version')!r} is not one of [{FORMAT_VERSION}]")
     return meta
@@ -109,20 +91,25 @@ def read_metadata(directory: str) -> dict[str, Any]:
 
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
 class ShardWriter:
-    """Writes one shard under `<name>.tmp`; `commit()` fsyncs and renames it to its final name."""
+    """Writes one shard into a local file (`<name>.tmp` beside it, or a temporary file for a remote
+    directory); `commit()` fsyncs and renames it to its final name, or uploads it."""
 
     def __init__(self, directory: str, name: str):
-        self.path = os.path.join(directory, name)
-        self.tmp = self.path + ".tmp"
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)  # left by a crash: never trusted
+        self.path = paths.path(directory) / name
+        if paths.is_remote(self.path):
+            self._tmp_dir = tempfile.mkdtemp(prefix="pf-latents-")
+            self.tmp = os.path.join(self._tmp_dir, name)
+        else:
+            self._tmp_dir, self.tmp = None, os.fspath(self.path) + ".tmp"
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)  # left by a crash: never trusted
         self._writer = ArrayRecordWriter(self.tmp, WRITER_OPTIONS)
         self.num_examples = 0
 
@@ -133,12 +120,16 @@ class ShardWriter:
     def commit(self) -> dict[str, Any]:
         """Finish the shard; returns its metadata entry {'name', 'num_examples', 'sha256'}."""
         self._writer.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
         sha = file_sha256(self.tmp)
-        os.replace(self.tmp, self.path)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
-        return {"name": os.path.basename(self.path), "num_examples": self.num_examples, "sha256": sha}
+        if self._tmp_dir is not None:
+            paths.path(self.tmp).copy(self.path, overwrite=True)  # the object appears complete
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        else:
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.path)
+            paths.fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        return {"name": self.path.name, "num_examples": self.num_examples, "sha256": sha}
 
     def abort(self) -> None:
         try:
@@ -146,10 +137,12 @@ class ShardWriter:
         finally:
             if os.path.exists(self.tmp):
                 os.remove(self.tmp)
+            if self._tmp_dir is not None:
+                shutil.rmtree(self._tmp_dir, ignore_errors=True)
 
 
 def count_records(path: str) -> int:
-    reader = ArrayRecordReader(path)
+    reader = ArrayRecordReader(paths.native(path))
     try:
         return reader.num_records()
     finally:
@@ -169,7 +162,7 @@ class LatentSource:
     """
 
     def __init__(self, directory: str, verify: bool = False):
-        self.directory = directory
+        self.directory = directory = str(directory)
         meta = self.metadata = read_metadata(directory)
         n_shards, shards = meta["num_shards"], meta["shards"]
         want = [shard_name(i, n_shards) for i in range(n_shards)]
@@ -177,23 +170,23 @@ class LatentSource:
         if have != want[: len(have)] or len(have) != n_shards:
             raise ValueError(f"latent directory {directory!r} is incomplete: {len(have)} of {n_shards} shards "
                              f"finished; rerun extract_latents with the same --out to resume")
-        paths = [os.path.join(directory, name) for name in want]
-        absent = [p for p in paths if not os.path.isfile(p)]
+        files = [paths.path(directory) / name for name in want]
+        absent = [p.name for p in files if not p.is_file()]
         if absent:
-            raise FileNotFoundError(f"latent directory {directory!r} lacks shards listed in {METADATA}: "
-                                    f"{[os.path.basename(p) for p in absent]}")
+            raise FileNotFoundError(f"latent directory {str(directory)!r} lacks shards listed in {METADATA}: "
+                                    f"{absent}")
         total = sum(s["num_examples"] for s in shards)
         if total != meta["num_examples"]:
             raise ValueError(f"{METADATA}: shards hold {total} examples, num_examples={meta['num_examples']}")
         if verify:
-            for p, s in zip(paths, shards):
+            for p, s in zip(files, shards):
                 if "sha256" in s and file_sha256(p) != s["sha256"]:
-                    raise ValueError(f"latent shard {p!r} does not match its sha256 in {METADATA}")
-        self.paths, self.shard_size = paths, meta["shard_size"]
+                    raise ValueError(f"latent shard {str(p)!r} does not match its sha256 in {METADATA}")
+        self.paths, self.shard_size = files, meta["shard_size"]
         try:
-            self._source = grain.sources.ArrayRecordDataSource(paths)
+            self._source = grain.sources.ArrayRecordDataSource([paths.native(p) for p in files])
         except Exception:  # noqa: BLE001 - array_record raises RuntimeError/ValueError for a bad file
-            for p in paths:  # name the shard (opening one reads its footer: cheap)
+            for p in files:  # name the shard (opening one reads its footer: cheap)
                 try:
                     count_records(p)
                 except Exception as e:  # noqa: BLE001 - as above

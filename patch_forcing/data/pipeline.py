@@ -3,12 +3,14 @@
 Batches are dicts of numpy arrays: `image` float32 (B_local, H, W, C) NHWC, in [-1, 1] for pixel
 data (latents as stored, already scaled), and `label` int32 (B_local,). Sources (`data.name`):
 'digits' (sklearn's bundled 8x8 digits), 'mnist' (IDX files or tfds), 'tfds', 'latents'
-(`data.latents.LatentSource`; a stored flip pair is the hflip augmentation) and 'arrays' (.npz).
+(`data.latents.LatentSource`; a stored flip pair is the hflip augmentation; split 'x' reads
+<data_dir>/x/, and 'train' may also be data_dir itself) and 'arrays' (.npz). Paths may be gs://.
 Splits are tfds-style strings: 'test', 'test[:8000]', 'train[10%:]', 'test[-2000:]'.
 
 What a reader must know: the training stream is shuffle(seed) -> repeat -> per-example randomness
-seeded by (seed, global index) -> host shard [process_index::process_count] -> batch, so the
-union over hosts of their k-th batches is exactly the k-th global batch of a 1-host run, and the
+seeded by (seed, global index) -> batches of B/P -> host p takes batches p, p+P, ..., so host p's
+k-th batch is rows [p*B/P, (p+1)*B/P) of the k-th global batch of a 1-host run, in order: the
+global batch that `sharding.to_global_batch` assembles from the hosts is that batch exactly, and the
 iterator's state (`get_state`/`set_state`, checkpointed by `checkpoint.py`) resumes it exactly.
 """
 
@@ -27,7 +29,7 @@ import numpy as np
 from absl import flags
 from sklearn.datasets import load_digits
 
-from patch_forcing import UserError
+from patch_forcing import UserError, paths
 from patch_forcing.data import latents
 
 __all__ = [
@@ -145,8 +147,7 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads an IDX file (gzip or raw), e.g. MNIST images (N, 28, 28) uint8 or labels (N,);
     a truncated or damaged file is a one-line UserError naming it."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = paths.path(path).read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
@@ -174,9 +175,9 @@ def _check_finite(images: np.ndarray, where) -> None:
 
 
 def _idx_file(directory: str, base: str, kind: str, ndim: int) -> str | None:
-    stem = os.path.join(directory, _MNIST_FILES[base].format(kind, ndim))
-    for path in (stem + ".gz", stem):
-        if os.path.exists(path):
+    stem = paths.path(directory) / _MNIST_FILES[base].format(kind, ndim)
+    for path in (f"{stem}.gz", str(stem)):
+        if paths.path(path).exists():
             return path
     return None
 
@@ -301,10 +302,10 @@ def _arrays_source(cfg, split: str) -> _Raw:
 
 def _read_npz(path: str, base: str) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels int32) of an .npz; a truncated or damaged file is a UserError naming it."""
-    if not os.path.isfile(path):
+    if not paths.path(path).is_file():
         raise FileNotFoundError(f"data.data_dir={path!r}: no such .npz file")
     try:
-        with np.load(path) as f:
+        with paths.reading(path) as fo, np.load(fo) as f:
             prefix = f"{base}_" if f"{base}_images" in f.files else ""
             if f"{prefix}images" not in f.files or f"{prefix}labels" not in f.files:
                 raise UserError(f"data.data_dir={path!r} must be an .npz with 'images' and 'labels' "
@@ -318,8 +319,14 @@ def _read_npz(path: str, base: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _latent_source(cfg, split: str) -> _Raw:
     data_dir, base = _get(cfg, "data_dir"), parse_split(split)[0]
-    sub = os.path.join(data_dir, base) if base else data_dir
-    src = latents.LatentSource(sub if os.path.isdir(sub) else data_dir)
+    sub = paths.path(data_dir) / base if base else paths.path(data_dir)
+    if base and not sub.is_dir():  # the 'train' latents may sit in data_dir itself; other splits never
+        if base != "train":
+            raise FileNotFoundError(
+                f"data split {split!r}: no latent directory {sub} (data.data_dir={data_dir!r}); extract that "
+                f"split there: python -m patch_forcing.tools.extract_latents --split={base} --out={sub} ...")
+        sub = paths.path(data_dir)
+    src = latents.LatentSource(str(sub))
     meta = getattr(src, "metadata", {})
     moments = meta.get("mode") == "moments"
     h, w, c = tuple(np.shape(src[0]["latent"]))[-3:]
@@ -425,8 +432,8 @@ def make_train_iterator(data_cfg, seed: int, process_index: int = 0, process_cou
     pre = _Preprocess(raw.pixel_max, _get(data_cfg, "pad", 0), bool(_get(data_cfg, "hflip", False)),
                       raw.moments)
     ds = grain.MapDataset.source(raw.source).shuffle(seed=seed).repeat()
-    ds = ds.random_map(pre, seed=seed)[process_index::process_count]
-    ds = ds.batch(_get(data_cfg, "batch_size") // process_count, drop_remainder=True)
+    ds = ds.random_map(pre, seed=seed).batch(_get(data_cfg, "batch_size") // process_count, drop_remainder=True)
+    ds = ds[process_index::process_count]  # host p: rows [p*B/P, (p+1)*B/P) of every global batch
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     workers = _get(data_cfg, "num_workers", 0)
     if workers > 0:

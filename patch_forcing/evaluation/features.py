@@ -78,11 +78,10 @@ def _auto(config, workdir) -> str:
     if int(d.channels) != 1 or max(tuple(d.image_size)) > AUTO_MAX_SIZE:
         return "inception"
     path = epath.Path(workdir) / "classifier"
-    if not classifier.exists(str(path)):
-        if sharding.is_chief():
-            logging.info("eval.feature_network='auto': training the classifier into %s", path)
-            train_classifier(d, str(path), seed=int(config.seed))
-        sharding.sync("classifier")
+    if sharding.is_chief() and not classifier.exists(str(path)):  # the others wait at the sync
+        logging.info("eval.feature_network='auto': training the classifier into %s", path)
+        train_classifier(d, str(path), seed=int(config.seed))
+    sharding.sync("classifier")  # on every process, whether or not the classifier was there
     return f"classifier:{path}"
 
 

@@ -74,7 +74,7 @@ def sample_features(gen, params, aux: dict, num: int, batch_size: int, mesh: Mes
     (N, K), spatial (Moments), nfe, and images/labels with keep_images)."""
     bs = global_batch_size(batch_size, num, mesh.size)
     split = NamedSharding(mesh, P(tuple(mesh.axis_names)))  # the batch over every mesh axis
-    aux = jax.device_put(aux, NamedSharding(mesh, P()))  # no copy when already replicated there
+    aux = sharding.replicate(aux, mesh)
     out: dict = {"pool": [], "logits": [], "images": [], "labels": [], "spatial": metrics.moments_init()}
 
     def collect(res, keep):
@@ -149,7 +149,7 @@ def evaluate(config, workdir: str, *, devices=None) -> dict:
     t_ref = time.time()
 
     mesh = sharding.flat_mesh(devices)
-    params = jax.device_put(params, NamedSharding(mesh, P()))
+    params = sharding.replicate(params, mesh)
     decode, vparams = _decoder(config)
     gen = make_generator(apply_fn, scfg, fnet, (*mcfg.image_size, mcfg.in_channels), mcfg.num_classes,
                          int(config.seed), decode)
@@ -223,7 +223,7 @@ def make_fid_hook(config, workdir, apply_fn, mesh: Mesh | None = None):
             sh = jax.tree.leaves(ema_params)[0].sharding
             m = sh.mesh if isinstance(sh, NamedSharding) else sharding.flat_mesh()
         t = time.time()
-        aux = jax.device_put(aux, NamedSharding(m, P()))  # placed once, reused by later calls
+        aux = sharding.replicate(aux, m)  # placed once, reused by later calls
         r = score(sample_features(gen, ema_params, aux, n, int(e.batch_size), m), ref, fnet.name)
         logging.info("step %d: FID-%s %.3f (%.1f s)", step, tag, r["fid"], time.time() - t)
         return {f"{k}_{tag}": float(r[k]) for k in METRICS if k in r}

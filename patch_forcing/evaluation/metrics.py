@@ -19,6 +19,8 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 from scipy import linalg, special
 
+from patch_forcing import paths
+
 # ----------------------------------------------------------------------------- moments
 
 
@@ -188,7 +190,7 @@ def save_samples_npz(path, images, labels=None) -> None:
 
 def iter_npz_batches(path, batch_size: int, key: str = "arr_0") -> Iterator[np.ndarray]:
     """Stream `key` of an .npz in batches along axis 0 without loading it whole."""
-    with zipfile.ZipFile(path) as zf:
+    with paths.reading(path) as fo, zipfile.ZipFile(fo) as zf:
         names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
         if key not in names:
             raise ValueError(f"{path}: key={key!r} is not one of {names}")
@@ -198,7 +200,8 @@ def iter_npz_batches(path, batch_size: int, key: str = "arr_0") -> Iterator[np.n
                            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
             header = read_header(f) if read_header else None
             if header is None or header[1] or header[2].hasobject:  # unusual: load whole
-                arr = np.load(path)[key]
+                fo.seek(0)
+                arr = np.load(fo)[key]
                 for i in range(0, len(arr), batch_size):
                     yield arr[i:i + batch_size]
                 return
@@ -214,7 +217,7 @@ def iter_npz_batches(path, batch_size: int, key: str = "arr_0") -> Iterator[np.n
 
 def load_samples_npz(path) -> np.ndarray:
     """arr_0 of an ADM sample batch, checked to be uint8 NHWC."""
-    with np.load(path) as f:
+    with paths.reading(path) as fo, np.load(fo) as f:
         return _check_images(f["arr_0"], f"{path}: arr_0")
 
 
@@ -236,7 +239,7 @@ def save_reference_stats(path, stats: dict, images=None) -> None:
 def load_reference_stats(path) -> dict:
     """mu, sigma (+ mu_s, sigma_s, pool, count, network where stored) of a reference .npz
     (ours or ADM's; ADM's arr_0 images are not loaded: see `iter_npz_batches`)."""
-    with np.load(path) as f:
+    with paths.reading(path) as fo, np.load(fo) as f:
         if "mu" not in f.files or "sigma" not in f.files:
             raise ValueError(f"{path}: no 'mu'/'sigma' (keys {f.files}); compute them with "
                              f"reference_stats_from_images")

@@ -22,6 +22,8 @@ from patch_forcing.evaluation import metrics
 from patch_forcing.evaluation.features import FeatureNetwork
 
 REF_POOL = 10_000  # reference features kept for precision/recall (ADM's reference batches: 10k)
+ADM_REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+                     "VIRTUAL_imagenet256_labeled.npz")
 
 
 def _slug(s: str) -> str:
@@ -53,7 +55,8 @@ def reference_stats(config, workdir, fnet: FeatureNetwork) -> tuple[dict, str]:
     if ref == "data":
         return _data_reference(config, out_dir, fnet)
     if not epath.Path(ref).exists():
-        raise FileNotFoundError(f"config.eval.reference={ref!r}: no such file (use 'data' or a reference .npz)")
+        raise FileNotFoundError(f"config.eval.reference={ref!r}: no such file (use 'data' for pixel data or a "
+                                f"reference .npz, local or gs://; ImageNet 256: {ADM_REFERENCE_URL})")
     return _npz_reference(ref, out_dir, fnet, int(config.eval.batch_size)), f"npz:{ref}"
 
 
@@ -65,15 +68,14 @@ def _data_reference(config, out_dir, fnet: FeatureNetwork) -> tuple[dict, str]:
     split = str(config.data.split_eval)
     cache = out_dir / f"reference-{_slug(f'{config.data.name}-{split}')}-{_slug(fnet.name)}.npz"
     shape = (*tuple(config.data.image_size), int(config.data.channels))
-    if not _cache_fits(cache, fnet, shape):
-        if sharding.is_chief():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            stats = metrics.reference_stats_from_images(
-                _data_batches(config, split, int(config.eval.batch_size)), fnet.host_fn(),
-                keep_pool=REF_POOL, network=fnet.name)
-            with cache.open("wb") as f:
-                metrics.save_reference_stats(f, stats)
-        sharding.sync("reference")
+    if sharding.is_chief() and not _cache_fits(cache, fnet, shape):  # the others wait at the sync
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stats = metrics.reference_stats_from_images(
+            _data_batches(config, split, int(config.eval.batch_size)), fnet.host_fn(),
+            keep_pool=REF_POOL, network=fnet.name)
+        with cache.open("wb") as f:
+            metrics.save_reference_stats(f, stats)
+    sharding.sync("reference")  # on every process, whether or not the cache was there
     with cache.open("rb") as f:
         return metrics.load_reference_stats(f), f"data:{config.data.name}:{split}"
 
@@ -86,19 +88,18 @@ def _npz_reference(ref: str, out_dir, fnet: FeatureNetwork, batch_size: int) -> 
                          f"not of config.eval.feature_network's {fnet.name!r}")
     if "pool" in stats:
         return stats
-    with np.load(ref) as f:
+    with epath.Path(ref).open("rb") as fo, np.load(fo) as f:
         has_images = "arr_0" in f.files
     if not has_images:
         logging.warning("%s has no reference features or images: no precision/recall", ref)
         return stats
     cache = out_dir / f"reference-{_slug(epath.Path(ref).stem)}-{_slug(fnet.name)}-pool.npz"
-    if not cache.exists():
-        if sharding.is_chief():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            feats = metrics.extract_features(metrics.iter_npz_batches(ref, batch_size), fnet.host_fn())
-            with cache.open("wb") as f:
-                np.savez(f, pool=feats["pool"][:REF_POOL])
-        sharding.sync("reference_pool")
+    if sharding.is_chief() and not cache.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        feats = metrics.extract_features(metrics.iter_npz_batches(ref, batch_size), fnet.host_fn())
+        with cache.open("wb") as f:
+            np.savez(f, pool=feats["pool"][:REF_POOL])
+    sharding.sync("reference_pool")
     with cache.open("rb") as f, np.load(f) as z:
         stats["pool"] = z["pool"]
     return stats

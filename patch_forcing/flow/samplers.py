@@ -76,7 +76,10 @@ def as_sampler_config(cfg: Any = None, **overrides) -> SamplerConfig:
         raise ValueError(f"sampler.{unknown[0]} is not a sampler field; allowed: {list(_FIELDS)}")
     gi = d.get("guidance_interval")
     if gi is not None:  # () and the whole [0, 1] mean "always guide": no interval test at all
-        gi = tuple(float(v) for v in gi)
+        try:
+            gi = tuple(float(v) for v in gi)
+        except (TypeError, ValueError):
+            raise ValueError(f"sampler.guidance_interval={gi!r} must be () or (lo, hi) with 0 <= lo < hi <= 1") from None
         d["guidance_interval"] = None if gi in ((), (0.0, 1.0)) else gi
     return SamplerConfig(**d)
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from patch_forcing import paths
 
 FORMAT = "patch_forcing.classifier/1"
 PARAMS_FILE, META_FILE = "params.npz", "classifier.json"
@@ -106,12 +107,13 @@ def _flat(params: dict, prefix: str = "") -> dict:
 
 def save(directory: str, meta: dict, params: dict) -> None:
     """params.npz (flat 'convs/0/kernel' keys) + classifier.json with the weights' digest."""
-    os.makedirs(directory, exist_ok=True)
+    directory = paths.path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     flat = _flat(params)
     meta = {**meta, "digest": _digest(flat)}
-    np.savez(os.path.join(directory, PARAMS_FILE), **flat)
-    with open(os.path.join(directory, META_FILE), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
+    with (directory / PARAMS_FILE).open("wb") as f:
+        np.savez(f, **flat)
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def _digest(flat: dict) -> str:
@@ -123,7 +125,7 @@ def _digest(flat: dict) -> str:
 
 
 def exists(directory: str) -> bool:
-    return all(os.path.isfile(os.path.join(directory, f)) for f in (PARAMS_FILE, META_FILE))
+    return all((paths.path(directory) / f).is_file() for f in (PARAMS_FILE, META_FILE))
 
 
 def load(directory: str) -> tuple[dict, dict]:
@@ -131,13 +133,12 @@ def load(directory: str) -> tuple[dict, dict]:
     if not exists(directory):
         raise FileNotFoundError(f"no classifier at {directory!r} (expected {PARAMS_FILE} and {META_FILE}; "
                                 f"train one: python -m patch_forcing.tools.train_classifier --config=... --workdir=...)")
-    with open(os.path.join(directory, META_FILE)) as f:
-        meta = json.load(f)
+    meta = json.loads((paths.path(directory) / META_FILE).read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory}/{META_FILE} has format {meta.get('format')!r}, expected {FORMAT!r}")
     cfg = ClassifierConfig.from_dict(meta["config"])
     _, abstract, _ = nnx.eval_shape(lambda: init(cfg, 0))
-    with np.load(os.path.join(directory, PARAMS_FILE)) as f:
+    with paths.reading(paths.path(directory) / PARAMS_FILE) as fo, np.load(fo) as f:
         flat = {k: f[k] for k in f.files}
     want = {"/".join(map(str, path)): v.shape for path, v in nnx.to_flat_state(abstract)}
     bad = sorted(set(want) ^ set(flat)) + sorted(k for k in want if k in flat and flat[k].shape != want[k])

@@ -65,8 +65,9 @@ class DiTConfig:
         size = self.image_size
         if isinstance(size, (int, np.integer)):
             size = (int(size), int(size))
-        if not (isinstance(size, (tuple, list)) and len(size) == 2):
-            raise ValueError(f"image_size must be an int or (H, W), got {self.image_size!r}")
+        if not (isinstance(size, (tuple, list)) and len(size) == 2
+                and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size)):
+            raise ValueError(f"image_size must be an int or (H, W) of ints, got {self.image_size!r}")
         object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
         h, w = self.image_size
         fields = ("in_channels", "patch_size", "depth", "num_heads")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 import urllib.request
 
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from patch_forcing import paths
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -388,15 +391,16 @@ def default_weights_path() -> str:
 def load_inception(path: str | None = None) -> dict:
     """Params of the FID Inception from pytorch-fid's .pth (argument, $PF_INCEPTION_WEIGHTS, or
     the cache path). Never downloads; raises FileNotFoundError naming the URL and the path."""
-    path = path or default_weights_path()
-    if not os.path.isfile(path):
+    path = str(path or default_weights_path())
+    if not paths.path(path).is_file():
         raise FileNotFoundError(
             f"Inception weights not found at {path!r}; download {FID_WEIGHTS_URL} to that path "
-            f"(or call patch_forcing.inception.download_inception_weights(), needs network), or "
+            f"(or call patch_forcing.models.inception.download_inception_weights(), needs network), or "
             f"set ${WEIGHTS_ENV} to the file")
     import torch  # optional: only to read the .pth
 
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    with paths.path(path).open("rb") as f:  # local or gs://
+        state_dict = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
     return convert_pytorch_fid_weights(state_dict)
 
 

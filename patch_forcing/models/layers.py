@@ -136,6 +136,8 @@ def load_params(model: nnx.Module, params: dict, what=nnx.Param) -> nnx.Module:
             sharding = sharding.spec  # an abstract model's: placed on the mesh of jax.set_mesh
         return jax.device_put(jnp.asarray(new, prev.dtype), sharding)
 
-    nnx.replace_by_pure_dict(state, jax.tree.map(place, params, nnx.to_pure_dict(state)))
+    old = nnx.to_pure_dict(state)
+    nnx.replace_by_pure_dict(state, params)  # accepts int or str indices; then place like the old values
+    nnx.replace_by_pure_dict(state, jax.tree.map(place, nnx.to_pure_dict(state), old))
     nnx.update(model, state)
     return model

@@ -24,7 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save_file
+
+from patch_forcing import paths
 
 DEFAULT_REPO = "stabilityai/sd-vae-ft-ema"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -332,18 +335,20 @@ def save_vae(model: AutoencoderKL, directory: str) -> str:
 
 
 def _resolve_weights(path_or_repo: str, local_path: str | None) -> str:
+    """The weights file: a local or gs:// file/folder, else a hub download."""
     local = local_path or os.environ.get(ENV_WEIGHTS)
     if local:
-        if os.path.isdir(local):
-            cands = [os.path.join(local, WEIGHTS_FILE), os.path.join(local, "vae", WEIGHTS_FILE)]
-            found = [c for c in cands if os.path.isfile(c)]
+        local = str(local)
+        if paths.path(local).is_dir():
+            cands = [paths.path(local) / WEIGHTS_FILE, paths.path(local) / "vae" / WEIGHTS_FILE]
+            found = [str(c) for c in cands if c.is_file()]
             if not found:
                 raise FileNotFoundError(f"vae_path={local!r} holds no {WEIGHTS_FILE} (nor vae/{WEIGHTS_FILE})")
             return found[0]
-        if not os.path.isfile(local):
+        if not paths.path(local).is_file():
             raise FileNotFoundError(f"vae_path={local!r} does not exist")
         return local
-    if os.path.exists(path_or_repo):
+    if paths.path(path_or_repo).exists():
         return _resolve_weights(path_or_repo, path_or_repo)
     try:
         return huggingface_hub.hf_hub_download(path_or_repo, WEIGHTS_FILE)
@@ -360,22 +365,21 @@ def load_vae(path_or_repo: str = DEFAULT_REPO, local_path: str | None = None, co
     The config comes from `config`, else a diffusers `config.json` beside the weights, else SD's."""
     path = _resolve_weights(path_or_repo, local_path)
     if config is None:
-        cfg_file = os.path.join(os.path.dirname(path), "config.json")
-        if os.path.isfile(cfg_file):
-            with open(cfg_file) as f:
-                config = VAEConfig.from_diffusers(json.load(f))
+        cfg_file = paths.path(path).parent / "config.json"
+        if cfg_file.is_file():
+            config = VAEConfig.from_diffusers(json.loads(cfg_file.read_text()))
         else:
             config = VAEConfig()
 
     model = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0), dtype=dtype))
     # eval_shape leaves ShapeDtypeStructs; converting fills every Param (all are covered).
-    return convert_state_dict(load_file(path), model)
+    return convert_state_dict(load_safetensors(paths.path(path).read_bytes()), model)
 
 
 def load_decoder(spec: str, dtype=None):
     """(decode(params, z) -> pixels clipped to [-1, 1], params) for the VAE `spec`: a local
     safetensors file/folder, or a hub repo id (fetched only now, never at import)."""
-    local = os.path.exists(spec)
+    local = paths.path(spec).exists()  # a local or gs:// file/folder, else a hub repo id
     model = load_vae(local_path=spec, dtype=dtype) if local else load_vae(spec, dtype=dtype)
     graphdef, params = nnx.split(model)
     return (lambda p, z: jnp.clip(nnx.merge(graphdef, p).decode(z), -1.0, 1.0)), params

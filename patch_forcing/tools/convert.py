@@ -7,13 +7,16 @@ Layouts: nn.Linear (out, in) -> kernel (in, out); patch-embed conv (D, C, p, p) 
 The final linear's per-token outputs are ordered (p, p, C+1) in both codebases, so it only
 transposes. `pos_embed` is checked against our fixed sin-cos embedding, then dropped.
 
-CLI (writes our inference checkpoint via patch_forcing.checkpoint.save_inference):
-  python -m patch_forcing.tools.convert --ckpt=pft-b_step400k_ema.ckpt --out=DIR [--allow_pickle]
+CLI (writes our inference checkpoint via patch_forcing.checkpoint.save_inference; needs
+`pip install -r requirements-convert.txt`: torch, omegaconf, safetensors):
+  python -m patch_forcing.tools.convert --ckpt=pft-b_step400k_ema.ckpt --out=DIR
 """
 
 from __future__ import annotations
 
+import collections
 import pickle
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +31,7 @@ FLAGS = flags.FlagValues()
 flags.DEFINE_string("ckpt", None, "The authors' .ckpt ({'config', 'state_dict'}).", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "Directory for our inference checkpoint.", flag_values=FLAGS)
 flags.DEFINE_bool("allow_pickle", False, "UNSAFE: full unpickling (arbitrary code); only for trusted files "
-                  "whose config is an OmegaConf object.", flag_values=FLAGS)
+                  "holding objects other than tensors and an OmegaConf config.", flag_values=FLAGS)
 flags.mark_flags_as_required(["ckpt", "out"], flag_values=FLAGS)
 
 TORCH_PIN = "torch==2.13.0"
@@ -189,28 +192,45 @@ def _natural(key: str):
 # ----------------------------------------------------------------------------- torch files
 
 
+def _omegaconf_globals() -> list:
+    """The classes a pickled OmegaConf config is made of (allow-listed for weights_only loading:
+    plain containers and value nodes, nothing that runs code); [] without omegaconf."""
+    try:
+        import omegaconf  # optional: the released files' config is an OmegaConf DictConfig
+    except ImportError:
+        return []
+    from omegaconf import base, nodes  # optional: as above
+
+    node_types = [getattr(nodes, n) for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode",
+                                              "BytesNode", "PathNode") if hasattr(nodes, n)]
+    return [omegaconf.DictConfig, omegaconf.ListConfig, base.ContainerMetadata, base.Metadata, *node_types,
+            typing.Any, dict, list, tuple, set, int, float, str, bool, bytes, collections.defaultdict]
+
+
 def load_torch_checkpoint(path: str, allow_pickle: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
     """torch.load a reference checkpoint -> (config dict, state_dict of float32 numpy arrays).
 
-    Loads with weights_only=True (no code execution). `allow_pickle=True` permits full unpickling,
-    which can execute arbitrary code: use it only for files you trust (the released files store
-    their config as an OmegaConf DictConfig, which then also needs `pip install omegaconf`).
+    Loads with weights_only=True (no code execution), allowing the OmegaConf classes the released
+    files' config is pickled as when omegaconf is installed (requirements-convert.txt).
+    `allow_pickle=True` permits full unpickling, which can execute arbitrary code: only for files
+    you trust that hold other objects still.
     """
     try:
         import torch  # optional: only to read .ckpt files
     except ImportError as e:
-        raise ImportError(f"converting PyTorch checkpoints needs torch: pip install {TORCH_PIN}") from e
+        raise ImportError(f"converting PyTorch checkpoints needs torch: pip install -r requirements-convert.txt "
+                          f"(or {TORCH_PIN})") from e
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        with torch.serialization.safe_globals(_omegaconf_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = next((line for line in str(e).splitlines() if "Unsupported global" in line), "")
+        hint = ("" if _omegaconf_globals() else "the config is probably an OmegaConf DictConfig: pip install "
+                "omegaconf (requirements-convert.txt) and rerun; ")
         raise ValueError(
-            f"{path}: torch.load(weights_only=True) refused a non-tensor object ({first[:200]}); "
-            "the config is probably an OmegaConf DictConfig. Safe alternative: in a trusted "
-            "environment re-save it as plain dicts, torch.save({'config': OmegaConf.to_container("
-            "ckpt['config']), 'state_dict': ckpt['state_dict']}, new_path); or, if you trust the "
-            "file, pass --allow_pickle (UNSAFE: unpickling can execute arbitrary code)."
+            f"{path}: torch.load(weights_only=True) refused a non-tensor object ({first.strip()[:200]}); {hint}"
+            "if you trust the file, --allow_pickle loads it fully (UNSAFE: unpickling can execute arbitrary code)"
         ) from None
     if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt or "config" not in ckpt:
         keys = list(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__

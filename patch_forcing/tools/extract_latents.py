@@ -14,6 +14,10 @@ Resumable: shard i holds examples [i*K, (i+1)*K) and is built from its own batch
 restarted run skips finished shards, discards a half-written `.tmp` and writes byte-identical
 output to an uninterrupted run. `--mode=sample` draws eps from fold_in(seed, index), so it is
 deterministic too.
+
+Multi-host (e.g. every host of a TPU pod runs this with --multihost=on): host h encodes the shards
+i with i % hosts == h on its own devices and writes them itself; process 0 then lists them all in
+metadata.json. The output is the same set of files as from one host. --out may be local or gs://.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 from tqdm import tqdm
 
-from patch_forcing import sharding
+from patch_forcing import cluster, paths, sharding
 from patch_forcing.data import latents
 from patch_forcing.models import vae as vae_lib
 from patch_forcing.tools import cli
@@ -65,18 +69,17 @@ class ImageFolder:
     """`root/<class>/**/<image>`: classes sorted by name, files sorted by path within a class."""
 
     def __init__(self, root: str):
-        if not os.path.isdir(root):
+        top = paths.path(root)
+        if not top.is_dir():
             raise FileNotFoundError(f"--images={root!r} is not a directory")
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.classes = sorted(d.name for d in top.iterdir() if d.is_dir())
         self.items: list[tuple[str, int]] = []
         for label, c in enumerate(self.classes):
-            files = []
-            for dirpath, _, names in os.walk(os.path.join(root, c)):
-                files += [os.path.join(dirpath, n) for n in names if n.lower().endswith(IMAGE_EXTS)]
+            files = [str(d / n) for d, _, names in (top / c).walk() for n in names if n.lower().endswith(IMAGE_EXTS)]
             self.items += [(f, label) for f in sorted(files)]
         if not self.items:
             raise ValueError(f"--images={root!r} holds no images in class subfolders (extensions {IMAGE_EXTS})")
-        self.description = {"kind": "images", "root": os.path.abspath(root)}
+        self.description = {"kind": "images", "root": str(root) if paths.is_remote(root) else os.path.abspath(root)}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -86,7 +89,7 @@ class ImageFolder:
 
     @staticmethod
     def open(raw: str) -> Image.Image:
-        with Image.open(raw) as im:
+        with Image.open(io.BytesIO(paths.path(raw).read_bytes())) as im:
             return im.convert("RGB")
 
 
@@ -226,46 +229,80 @@ def _plan(source, vae, vae_name: str, opt: Options) -> dict[str, Any]:
     return json.loads(json.dumps(meta))  # JSON types (lists, not tuples), as when read back
 
 
-def _finished(out: str, meta: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """Finished shards by index: listed in metadata, or complete under their final name."""
+def _entry_file(out, name: str):
+    """A finished shard's metadata entry, written beside it by a host that is not process 0."""
+    return paths.path(out) / f"{name}.json"
+
+
+def _finished(out, meta: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Finished shards by index: listed in metadata, with an entry file beside them (another host
+    wrote them), or complete under their final name."""
     listed = {s["name"]: s for s in meta["shards"]}
     done = {}
     for i in range(meta["num_shards"]):
         name = latents.shard_name(i, meta["num_shards"])
-        path = os.path.join(out, name)
-        if not os.path.isfile(path):
+        path = paths.path(out) / name
+        if not path.is_file():
             continue
         want = min(meta["shard_size"], meta["num_examples"] - i * meta["shard_size"])
         if name in listed:
             done[i] = listed[name]
+        elif _entry_file(out, name).is_file():
+            done[i] = json.loads(_entry_file(out, name).read_text())
         elif latents.count_records(path) == want:  # renamed, but the crash came before the metadata update
             done[i] = {"name": name, "num_examples": want, "sha256": latents.file_sha256(path)}
     return done
 
 
+def _record(out, meta, done, entry) -> None:
+    """After a shard: one host rewrites metadata.json; several each leave the entry beside it."""
+    if jax.process_count() == 1:
+        meta["shards"] = [done[j] for j in sorted(done)]
+        latents.write_metadata(out, meta)
+    else:
+        paths.atomic_write(_entry_file(out, entry["name"]), json.dumps(entry).encode())
+
+
+def _merge_hosts(out, meta) -> dict[str, Any]:
+    """Every host's finished shards into metadata.json (written by process 0), entry files removed."""
+    sharding.sync("latents_written")
+    if sharding.is_chief():
+        done = _finished(out, meta)
+        meta["shards"] = [done[j] for j in sorted(done)]
+        latents.write_metadata(out, meta)
+        for s in meta["shards"]:
+            if _entry_file(out, s["name"]).exists():
+                _entry_file(out, s["name"]).unlink()
+    sharding.sync("latents_listed")
+    return latents.read_metadata(out)
+
+
 def extract(source, out: str, vae, vae_name: str = "", options: Options = Options(),
             on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Encode `source` into `out` (resuming a previous run); returns the metadata."""
+    """Encode `source` into `out` (resuming a previous run) on this host's devices; with several
+    processes each takes every process_count-th shard. Returns the metadata."""
     devices = jax.local_devices()
     options.check(len(devices))
-    os.makedirs(out, exist_ok=True)
+    host, hosts = jax.process_index(), jax.process_count()
+    paths.path(out).mkdir(parents=True, exist_ok=True)
     meta = _plan(source, vae, vae_name, options)
-    meta_path = os.path.join(out, latents.METADATA)
-    if os.path.isfile(meta_path):
+    if (paths.path(out) / latents.METADATA).is_file():
         old = latents.read_metadata(out)
         for k in _SETTINGS:
             if old.get(k) != meta[k]:
-                raise ValueError(f"--out={out!r} holds latents with {k}={old.get(k)!r}, this run has {meta[k]!r}; "
-                                 f"use the same settings to resume, or a fresh --out")
+                raise ValueError(f"--out={str(out)!r} holds latents with {k}={old.get(k)!r}, this run has "
+                                 f"{meta[k]!r}; use the same settings to resume, or a fresh --out")
         if old["vae"]["config"] != meta["vae"]["config"]:
-            raise ValueError(f"--out={out!r} holds latents of another VAE config; use a fresh --out")
+            raise ValueError(f"--out={str(out)!r} holds latents of another VAE config; use a fresh --out")
         meta["shards"] = old["shards"]
-    for name in os.listdir(out):
-        if name.endswith(".array_record.tmp"):
-            os.remove(os.path.join(out, name))  # half-written by an interrupted run
+    mine = {latents.shard_name(i, meta["num_shards"]) + ".tmp" for i in range(host, meta["num_shards"], hosts)}
+    for p in paths.path(out).iterdir():
+        if p.name in mine:
+            p.unlink()  # half-written by an interrupted run
     done = _finished(out, meta)
     meta["shards"] = [done[i] for i in sorted(done)]
-    latents.write_metadata(out, meta)
+    if sharding.is_chief():
+        latents.write_metadata(out, meta)
 
     mesh = sharding.flat_mesh(devices)
     data, repl = sharding.batch_sharding(mesh), NamedSharding(mesh, P())
@@ -274,9 +311,9 @@ def extract(source, out: str, vae, vae_name: str = "", options: Options = Option
     key = jax.random.key(options.seed)
     encode = _jitted()
     n, k, bs = meta["num_examples"], meta["shard_size"], options.batch_size
-    todo = [i for i in range(meta["num_shards"]) if i not in done][: options.max_shards]
+    todo = [i for i in range(host, meta["num_shards"], hosts) if i not in done][: options.max_shards]
     bar = tqdm(total=n, initial=sum(s["num_examples"] for s in done.values()), unit="img",
-               disable=not options.progress, desc="latents")
+               disable=not options.progress or not sharding.is_chief(), desc="latents")
     with concurrent.futures.ThreadPoolExecutor(options.workers or os.cpu_count() or 1) as pool:
         for i in todo:
             writer = latents.ShardWriter(out, latents.shard_name(i, meta["num_shards"]))
@@ -291,17 +328,16 @@ def extract(source, out: str, vae, vae_name: str = "", options: Options = Option
                     z = np.asarray(z)[:m].astype(options.dtype)
                     for j in range(m):
                         writer.write(z[j], labels[j], index[j])
-                    bar.update(m)
+                    bar.update(m * hosts)
                 done[i] = writer.commit()
             except BaseException:
                 writer.abort()
                 raise
-            meta["shards"] = [done[j] for j in sorted(done)]
-            latents.write_metadata(out, meta)
+            _record(out, meta, done, done[i])
             if on_shard is not None:
                 on_shard(i)
     bar.close()
-    return meta
+    return _merge_hosts(out, meta) if hosts > 1 else meta
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -328,6 +364,7 @@ flags.DEFINE_integer("seed", _D.seed, "Posterior sampling seed (--mode=sample)."
 flags.DEFINE_integer("workers", _D.workers, "Image decoding threads (0: all cores).", flag_values=FLAGS)
 flags.DEFINE_integer("max_shards", None, "Write at most this many shards, then stop.", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=FLAGS)
+cluster.define_flags(FLAGS)  # --multihost & co., as in patch_forcing.main
 flags.mark_flag_as_required("out", flag_values=FLAGS)
 flags.mark_flags_as_mutual_exclusive(["images", "tfds"], required=True, flag_values=FLAGS)
 
@@ -335,6 +372,7 @@ flags.mark_flags_as_mutual_exclusive(["images", "tfds"], required=True, flag_val
 def main(argv) -> dict[str, Any]:
     cli.parse(FLAGS, argv, __doc__)
     f = FLAGS
+    cluster.initialize_from_flags(f)
     source = ImageFolder(f.images) if f.images else TfdsImages(f.tfds, f.split, f.tfds_data_dir,
                                                                f.tfds_manual_dir)
     vae = vae_lib.load_vae(f.vae_repo, local_path=f.vae_path)
@@ -343,7 +381,8 @@ def main(argv) -> dict[str, Any]:
                   progress=f.progress)
     name = f.vae_path or os.environ.get(vae_lib.ENV_WEIGHTS) or f.vae_repo
     meta = extract(source, f.out, vae, name, opt)
-    print(f"{len(meta['shards'])}/{meta['num_shards']} shards in {f.out}", file=sys.stderr)
+    if sharding.is_chief():
+        print(f"{len(meta['shards'])}/{meta['num_shards']} shards in {f.out}", file=sys.stderr)
     return meta
 
 

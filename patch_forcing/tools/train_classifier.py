@@ -11,9 +11,8 @@ test accuracy on `config.data.split_eval`). `--mode=evaluate` trains it itself w
 
 from __future__ import annotations
 
-import os
-
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 
 from patch_forcing.evaluation import features
@@ -31,7 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 def main(argv):
     cli.parse(FLAGS, argv, __doc__)
     config = FLAGS.config
-    out = os.path.join(FLAGS.workdir, "classifier")
+    out = str(epath.Path(FLAGS.workdir) / "classifier")
     meta = features.train_classifier(config.data, out, FLAGS.steps or None,
                                      config.seed if FLAGS.seed is None else FLAGS.seed)
     print(f"wrote {out}: test accuracy {meta['test_accuracy']:.4f}")

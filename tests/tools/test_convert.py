@@ -206,3 +206,24 @@ def test_cli_writes_an_inference_checkpoint(tmp_path):
     assert got.keys() == want.keys() and len(got) == 4 + 1 + 2 + 2 * 10 + 4
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_readme_command_converts_a_release_file_with_its_omegaconf_config(tmp_path):
+    """The README's conversion line, as written, on a file in the authors' real layout (the
+    config a pickled OmegaConf DictConfig): no --allow_pickle, nothing pickled is executed."""
+    import re
+    import shlex
+
+    from patch_forcing import checkpoint
+    from tests import REPO, tiny_assets
+
+    line = re.search(r"^python -m patch_forcing\.tools\.convert .*$", (REPO / "README.md").read_text(), re.M)
+    argv = shlex.split(line.group(0))[2:]  # ['patch_forcing.tools.convert', '--ckpt=...', '--out=...']
+    assert [a.split("=")[0] for a in argv[1:]] == ["--ckpt", "--out"], argv
+    ckpt = tiny_assets.write_checkpoint(tmp_path / "pft-tiny_step400k_ema.ckpt")
+    assert type(torch.load(ckpt, weights_only=False)["config"]).__name__ == "DictConfig"
+    convert.main(["convert", f"--ckpt={ckpt}", f"--out={tmp_path / 'out'}"])
+    mcfg, _, params, _ = checkpoint.load_model(tmp_path / "out")
+    assert mcfg.depth == tiny_assets.TINY_PARAMS["depth"] and mcfg.per_patch
+    readme = (REPO / "README.md").read_text()
+    assert "requirements-convert.txt" in readme[max(0, line.start() - 400):line.end()]  # the install line by it
