@@ -8,6 +8,8 @@ it to the compute dtype (and all-gathers it under an Explicit-axes mesh, FSDP-st
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,8 +72,13 @@ class Dense(nnx.Module):
         self.bias = f.param(nnx.initializers.zeros_init(), (d_out,), names[1:]) if bias else None
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), use(self.kernel[...], self.dtype))
-        return y if self.bias is None else y + use(self.bias[...], self.dtype)
+        # As one 2-D product over all leading axes: the weight gradient is then a single-contraction
+        # dot, which XLA:CPU runs without transposing the (tokens, d_out) cotangent first.
+        lead = x.shape[:-1]
+        x2 = reshape_batch(x.astype(self.dtype), (math.prod(lead), x.shape[-1])) if len(lead) > 1 else x
+        y = jnp.dot(x2.astype(self.dtype), use(self.kernel[...], self.dtype))
+        y = y if self.bias is None else y + use(self.bias[...], self.dtype)
+        return reshape_batch(y, (*lead, y.shape[-1])) if len(lead) > 1 else y
 
 
 class PatchEmbed(nnx.Module):
@@ -86,8 +93,10 @@ class PatchEmbed(nnx.Module):
 
     def __call__(self, x):  # (B, H, W, C) -> (B, N, D)
         tokens = patchify(x.astype(self.dtype), self.p)  # (B, N, p*p*C)
-        kernel = use(self.kernel[...], self.dtype)
-        return jnp.dot(tokens, kernel.reshape(-1, kernel.shape[-1])) + use(self.bias[...], self.dtype)
+        b, n, k = tokens.shape
+        kernel = use(self.kernel[...], self.dtype).reshape(k, -1)
+        out = jnp.dot(reshape_batch(tokens, (b * n, k)), kernel) + use(self.bias[...], self.dtype)
+        return reshape_batch(out, (b, n, kernel.shape[-1]))  # 2-D product: see Dense
 
 
 class Attention(nnx.Module):
