@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -39,6 +41,35 @@ def op_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter, 
                 if ev.name.startswith("PjitFunction") or ev.name.startswith("jit_step"):
                     span = max(span, ev.duration_ns / 1e6)
     return total, count, span
+
+
+def dot_flops(hlo: str) -> dict[str, float]:
+    """{name: FLOPs} of every dot in the optimised HLO, under the name the profiler shows: the
+    dot itself, or the fusion that calls the computation holding it."""
+    shapes = dict(re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo))
+    dims = lambda name: [int(v) for v in shapes.get(name, "").split(",") if v]  # noqa: E731
+    per_comp, comp = collections.Counter(), None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+        comp = head.group(1) if head else comp
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), .*"
+                     r"lhs_contracting_dims=\{([\d,]*)\}", line)
+        if m:
+            k = math.prod(dims(m.group(3))[int(d)] for d in m.group(4).split(","))
+            per_comp[comp] += 2.0 * math.prod(dims(m.group(1))) * k
+            per_comp[m.group(1)] += 2.0 * math.prod(dims(m.group(1))) * k
+    out, entry = {}, False
+    for line in hlo.splitlines():
+        entry = line.startswith("ENTRY") or (entry and not line.startswith("}"))
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*)", line)
+        if not m:
+            continue
+        call = re.search(r"calls=%([\w.\-]+)", m.group(2))
+        if call and call.group(1) in per_comp:
+            out[m.group(1)] = per_comp[call.group(1)]
+        elif entry and " dot(" in m.group(2):
+            out[m.group(1)] = per_comp[m.group(1)]
+    return out
 
 
 def main(argv=None):
@@ -88,9 +119,15 @@ def main(argv=None):
     print(f"{'ms/step':>9} {'share':>6}  kind of operation (all instances)")
     for kind, ms in kinds.most_common(12):
         print(f"{ms / args.steps:9.2f} {100 * ms / ops:5.1f}%  {kind}")
+    flops = dot_flops(compiled.as_text())
+    dot_ms = sum(ms for name, ms in total.items() if name in flops) / args.steps
+    dot_gf = sum(flops[name] for name in total if name in flops) / args.steps / 1e9
+    print(f"dots: {dot_ms:.1f} ms/step, {dot_gf:.1f} GFLOP -> {dot_gf / dot_ms * 1e3:.1f} GFLOP/s; "
+          f"the rest: {sum(kinds.values()) / args.steps - dot_ms:.1f} ms/step")
     print(f"{'ms/step':>9} {'calls/step':>10}  operation")
     for name, ms in total.most_common(args.top):
-        print(f"{ms / args.steps:9.2f} {count[name] / args.steps:10.1f}  {name[:110]}")
+        gf = f"  {flops[name] / ms * args.steps / 1e6:6.1f} GFLOP/s" if name in flops else ""
+        print(f"{ms / args.steps:9.2f} {count[name] / args.steps:10.1f}  {name[:40]}{gf}")
 
 
 if __name__ == "__main__":
