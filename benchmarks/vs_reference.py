@@ -446,7 +446,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/vs_reference_<device>)")
     args = ap.parse_args(argv)
     gpu = args.device == "gpu"
-    args.rows = (args.rows or ("B,XL" if gpu else "digits,mnist")).split(",")
+    args.rows = [r for r in (args.rows or ("B,XL" if gpu else "digits,mnist")).split(",") if r not in ("", "none")]
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.batch = {k: int(v) for k, v in (kv.split("=") for kv in args.batch.split(",") if kv)}
     if args.dry_run:
