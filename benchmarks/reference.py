@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import ast
 import importlib
+import io
 import os
 import pathlib
-import io
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -127,6 +128,7 @@ def export(git_dir: pathlib.Path, dest: pathlib.Path) -> str:
 
 def _install_stubs(dest: pathlib.Path) -> list[str]:
     """Write stand-ins for the missing glue packages under dest/stubs; returns their names."""
+    shutil.rmtree(dest / "stubs", ignore_errors=True)  # a stand-in never shadows a real package
     used = []
     for top in ("jaxtyping", "jutils", "omegaconf", "timm"):
         if _importable(top):

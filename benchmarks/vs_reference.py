@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import pathlib
@@ -63,6 +62,8 @@ def row_config(name: str, batch: int | None, dtype: str, dry_run: bool):
     if batch:
         c.data.batch_size = batch
     c.model.dtype = dtype
+    if dtype != "float32" and jax.default_backend() == "gpu":
+        c.model.attention_impl = "cudnn"  # flash attention, as SDPA on the reference side
     c.mesh.data = 1  # one device: the reference side runs on one too
     c.optim.warmup_steps = 0
     mcfg = config_lib.model_config(c)
@@ -113,13 +114,16 @@ def ours_train(c, mcfg, batch_np):
     t0 = time.perf_counter()
     compiled = step.lower(state, gbatch).compile()
     compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    mib = None if mem is None else (sum(getattr(mem, f"{k}_size_in_bytes", 0) or 0 for k in (
+        "argument", "output", "temp")) - (getattr(mem, "alias_size_in_bytes", 0) or 0)) / 2**20
     box = {"state": state}
 
     def run():
         box["state"], m = compiled(box["state"], gbatch)
         jax.block_until_ready(m)
 
-    return run, compile_s
+    return run, compile_s, mib
 
 
 # ----------------------------------------------------------------------------- reference side
@@ -199,18 +203,17 @@ def interleaved(fns: dict, warmup: int, repeats: int, device: str) -> dict:
 
     out = {k: {} for k in fns}
     for k, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()
-        out[k]["first_step_s"] = time.perf_counter() - t0
-        for _ in range(max(warmup - 1, 0)):
-            fn()
         if device == "gpu":
             torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        with PeakRSS() as mem:  # the first step allocates gradients and optimizer moments too
             fn()
-        else:
-            with PeakRSS() as mem:
-                fn()
-            out[k]["step_rss_MiB"] = round(mem.mib, 1)
+        out[k]["first_step_s"] = time.perf_counter() - t0
+        out[k]["first_step_rss_MiB"] = round(mem.mib, 1)
+        if device == "gpu":
+            out[k]["cuda_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+        for _ in range(max(warmup - 1, 0)):
+            fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
@@ -227,16 +230,14 @@ def load_avg() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def bench_train(ref, name: str, args) -> dict:
-    import torch
-
-    label, c, mcfg = row_config(name, args.batch.get(name), args.dtype, args.dry_run)
+def bench_train(ref, name: str, args, batch: int | None = None) -> dict:
+    label, c, mcfg = row_config(name, batch or args.batch.get(name), args.dtype, args.dry_run)
     b, (h, w) = c.data.batch_size, mcfg.image_size
     rng = np.random.default_rng(0)
     batch_np = {"image": rng.standard_normal((b, h, w, mcfg.in_channels)).astype(np.float32),
                 "label": rng.integers(0, mcfg.num_classes, b).astype(np.int32)}
     load_before = load_avg()
-    ours, compile_s = ours_train(c, mcfg, batch_np)
+    ours, compile_s, ours_mib = ours_train(c, mcfg, batch_np)
     ref_run = reference_train(ref, c, mcfg, batch_np, args.device, args.dtype)
     r = interleaved({"ours": ours, "ref": ref_run}, args.warmup, args.repeats, args.device)
     row = dict(row=label, batch=b, dtype=mcfg.dtype, repeats=args.repeats, load_avg=f"{load_before} -> {load_avg()}",
@@ -245,17 +246,15 @@ def bench_train(ref, name: str, args) -> dict:
                ours_img_s=b / r["ours"]["median_s"], ref_img_s=b / r["ref"]["median_s"],
                ratio=r["ours"]["median_s"] / r["ref"]["median_s"], ours_compile_s=compile_s,
                ours_first_step_s=r["ours"]["first_step_s"], ref_first_step_s=r["ref"]["first_step_s"])
+    row["ours_peak_MiB"] = ours_mib  # XLA's buffer assignment: state + batch + temporaries
     if args.device == "gpu":
-        stats = jax.devices()[0].memory_stats() or {}
-        row["ours_peak_MiB"] = stats.get("peak_bytes_in_use", 0) / 2**20
-        row["ref_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+        row["ref_peak_MiB"] = r["ref"]["cuda_peak_MiB"]  # torch.cuda.max_memory_allocated
         flops = model_flops(mcfg, b)
         peak = PEAK_BF16_TFLOPS.get(args.gpu_kind, 790.0) * 1e12
         row["ours_mfu"] = flops / r["ours"]["median_s"] / peak
         row["ref_mfu"] = flops / r["ref"]["median_s"] / peak
     else:
-        row["ours_peak_MiB"] = r["ours"]["step_rss_MiB"]
-        row["ref_peak_MiB"] = r["ref"]["step_rss_MiB"]
+        row["ref_peak_MiB"] = r["ref"]["first_step_rss_MiB"]  # resident-set growth in its first step
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return row
 
@@ -280,7 +279,7 @@ def bench_sampling(ref, args) -> list[dict]:
     from benchmarks.sampling import steps_for_nfe
     from patch_forcing.tools import convert
 
-    mcfg = dit.preset("PF-Tiny/2", image_size=args.sample_size, dtype=args.dtype,
+    mcfg = dit.preset(args.sample_preset, image_size=args.sample_size, dtype=args.dtype,
                       **({"hidden_size": 32, "depth": 1, "num_heads": 2} if args.dry_run else {}))
     sd = random_weights(mcfg)
     apply, params = dit.from_params(mcfg, convert.torch_to_params(sd, mcfg))
@@ -399,7 +398,7 @@ def markdown(info, train_rows, sample_rows, loader_rows, args) -> str:
            f"Clock: {info['clock']}.", "",
            "## Train step", "",
            "| row | ours ms | ref ms | ours / ref | ours img/s | ref img/s | ours compile s | ref first step s "
-           f"| ours {'peak' if gpu else 'step RSS'} MiB | ref {'peak' if gpu else 'step RSS'} MiB |"
+           f"| ours memory MiB (XLA) | ref memory MiB ({'CUDA peak' if gpu else 'RSS growth, first step'}) |"
            + (" ours MFU | ref MFU |" if gpu else "") + " load |",
            "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else "") + "---|"]
     for r in train_rows:
@@ -409,7 +408,7 @@ def markdown(info, train_rows, sample_rows, loader_rows, args) -> str:
                    + (f"{100 * r['ours_mfu']:.1f}% | {100 * r['ref_mfu']:.1f}% | " if gpu else "")
                    + f"{r['load_avg']} |")
     if sample_rows:
-        out += ["", f"## Sampling (PF-Tiny/2, {args.sample_size}x{args.sample_size}x4, batch {args.sample_batch}, "
+        out += ["", f"## Sampling ({args.sample_preset}, {args.sample_size}x{args.sample_size}x4, batch {args.sample_batch}, "
                 "same weights; ms per image, median of "
                 f"{args.sample_repeats} alternating runs)", "",
                 "| sampler | NFE | cfg | ours ms/img | ref ms/img | ours / ref | load |", "|---|---|---|---|---|---|---|"]
@@ -432,22 +431,29 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--sampling", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--sample-size", type=int, default=16)
-    ap.add_argument("--sample-batch", type=int, default=16)
+    ap.add_argument("--sample-preset", default=None, help="default PF-Tiny/2 on CPU, PF-B/2 on GPU")
+    ap.add_argument("--sample-size", type=int, default=None, help="default 16 on CPU, 32 on GPU")
+    ap.add_argument("--sample-batch", type=int, default=None, help="default 16 on CPU, 64 on GPU")
     ap.add_argument("--sample-repeats", type=int, default=5)
     ap.add_argument("--nfe", type=int, default=50)
     ap.add_argument("--loader", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--loader-workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="CPU threads of both sides; 1 times with process CPU time, steady on a shared machine")
+    ap.add_argument("--largest", default=None, help="e.g. XL:256/128/64: also the largest batch that fits")
+    ap.add_argument("--time-budget", type=float, default=300.0, help="seconds after which --largest is skipped")
     ap.add_argument("--gpu-kind", default="H200")
     ap.add_argument("--reference-git", default=None)
     ap.add_argument("--dry-run", action="store_true", help="tiny models, 2 steps: checks the script runs")
     ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/vs_reference_<device>)")
     args = ap.parse_args(argv)
     gpu = args.device == "gpu"
-    args.rows = [r for r in (args.rows or ("B,XL" if gpu else "digits,mnist")).split(",") if r not in ("", "none")]
+    default_rows = "digits" if args.dry_run else ("B,XL" if gpu else "digits,mnist")
+    args.rows = [r for r in (args.rows or default_rows).split(",") if r not in ("", "none")]
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.sample_preset = args.sample_preset or ("PF-B/2" if gpu else "PF-Tiny/2")
+    args.sample_size = args.sample_size or (32 if gpu else 16)
+    args.sample_batch = args.sample_batch or (64 if gpu else 16)
     args.batch = {k: int(v) for k, v in (kv.split("=") for kv in args.batch.split(",") if kv)}
     if args.dry_run:
         args.repeats, args.warmup, args.sample_repeats = 2, 1, 1
@@ -463,7 +469,25 @@ def main(argv=None):
     torch.manual_seed(0)
     ref = reference_lib.load(args.reference_git)
     print(f"reference side: {ref.description}", flush=True)
+    t_start = time.time()
     train_rows = [bench_train(ref, name, args) for name in args.rows]
+    if args.largest:  # the largest batch that fits, tried from the top while time allows
+        name, _, sizes = args.largest.partition(":")
+        for b in (int(v) for v in sizes.split("/")):
+            if time.time() - t_start > args.time_budget:
+                print(f"largest batch: skipped, {args.time_budget}s budget spent", flush=True)
+                break
+            try:
+                train_rows.append(bench_train(ref, name, args, batch=b))
+                break
+            except Exception as e:  # noqa: BLE001 - XLA's RESOURCE_EXHAUSTED or torch's OOM
+                if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                    raise
+                print(f"{name} batch {b}: out of memory ({str(e).splitlines()[0][:120]})", flush=True)
+                import gc
+
+                gc.collect()
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
     sample_rows = bench_sampling(ref, args) if args.sampling else []
     loader_rows = bench_loader(args) if args.loader else []
     info = machine_info(args, ref)
