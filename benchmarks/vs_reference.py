@@ -132,6 +132,7 @@ def reference_train(ref, c, mcfg, batch_np, device: str, dtype: str):
     import torch
 
     dev = torch.device("cuda" if device == "gpu" else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the authors' train.py
     h, w = mcfg.image_size
     x1 = torch.from_numpy(batch_np["image"]).permute(0, 3, 1, 2).contiguous().to(dev)
     y = torch.from_numpy(batch_np["label"]).long().to(dev)
