@@ -206,7 +206,7 @@ class DiTBlock(nnx.Module):
         self.adaLN_modulation = f.linear(d, 6 * d, ("embed", "mlp"), nnx.initializers.zeros_init())
 
     def __call__(self, x, c):
-        mods = jnp.split(self.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
+        mods = self.adaLN_modulation.chunks(nnx.silu(c), 6)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         x = x + gate_msa * self.attn(modulate(layer_norm(x), shift_msa, scale_msa))
         x = x + gate_mlp * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))

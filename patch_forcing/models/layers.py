@@ -8,6 +8,8 @@ it to the compute dtype (and all-gathers it under an Explicit-axes mesh, FSDP-st
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,8 +72,28 @@ class Dense(nnx.Module):
         self.bias = f.param(nnx.initializers.zeros_init(), (d_out,), names[1:]) if bias else None
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), use(self.kernel[...], self.dtype))
-        return y if self.bias is None else y + use(self.bias[...], self.dtype)
+        # As one 2-D product over all leading axes: the weight gradient is then a single-contraction
+        # dot, which XLA:CPU runs without transposing the (tokens, d_out) cotangent first.
+        lead = x.shape[:-1]
+        x2 = reshape_batch(x.astype(self.dtype), (math.prod(lead), x.shape[-1])) if len(lead) > 1 else x
+        y = jnp.dot(x2.astype(self.dtype), use(self.kernel[...], self.dtype))
+        y = y if self.bias is None else y + use(self.bias[...], self.dtype)
+        return reshape_batch(y, (*lead, y.shape[-1])) if len(lead) > 1 else y
+
+    def chunks(self, x, n: int) -> list:
+        """`jnp.split(self(x), n, -1)` as n products with the kernel's column blocks: XLA:CPU runs
+        n narrow GEMMs faster than one wide one (and the gradient needs no wide concatenation)."""
+        lead, d_in = x.shape[:-1], x.shape[-1]
+        x2 = reshape_batch(x.astype(self.dtype), (math.prod(lead), d_in))
+        kernel = use(self.kernel[...], self.dtype)
+        bias = None if self.bias is None else use(self.bias[...], self.dtype)
+        width = kernel.shape[-1] // n
+        out = []
+        for i in range(n):
+            y = jnp.dot(x2, kernel[:, i * width:(i + 1) * width])
+            y = y if bias is None else y + bias[i * width:(i + 1) * width]
+            out.append(reshape_batch(y, (*lead, width)))
+        return out
 
 
 class PatchEmbed(nnx.Module):
@@ -86,8 +108,10 @@ class PatchEmbed(nnx.Module):
 
     def __call__(self, x):  # (B, H, W, C) -> (B, N, D)
         tokens = patchify(x.astype(self.dtype), self.p)  # (B, N, p*p*C)
-        kernel = use(self.kernel[...], self.dtype)
-        return jnp.dot(tokens, kernel.reshape(-1, kernel.shape[-1])) + use(self.bias[...], self.dtype)
+        b, n, k = tokens.shape
+        kernel = use(self.kernel[...], self.dtype).reshape(k, -1)
+        out = jnp.dot(reshape_batch(tokens, (b * n, k)), kernel) + use(self.bias[...], self.dtype)
+        return reshape_batch(out, (b, n, kernel.shape[-1]))  # 2-D product: see Dense
 
 
 class Attention(nnx.Module):
