@@ -85,7 +85,8 @@ def check_repa(config, mode: str = "train") -> None:
         enc = dinov2.preset(r.encoder)
         _require(r.z_dim == enc.hidden_size,
                  f"config.repa.z_dim={r.z_dim} must equal {r.encoder}'s feature size {enc.hidden_size}")
-        _require(isinstance(r.resolution, int) and r.resolution >= enc.patch_size and r.resolution % enc.patch_size == 0,
+        res, patch = r.resolution, enc.patch_size
+        _require(isinstance(res, int) and res >= patch and res % patch == 0,
                  f"config.repa.resolution={r.resolution!r} must be a positive multiple of the patch size "
                  f"{enc.patch_size}")
         where = dinov2.where_to_get(r.encoder) if r.encoder != "dinov2_tiny" else "a local file"

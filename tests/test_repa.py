@@ -65,16 +65,8 @@ def test_coeff_zero_is_the_plain_model_exactly(digits_encoder, tmp_path):
         assert zero_m[k] == plain_m[k], k
     jax.tree.map(np.testing.assert_array_equal, zero_old["params"], plain_old["params"])  # same init
     jax.tree.map(np.testing.assert_array_equal, zero_new["params"], plain_new["params"])  # same update
+    assert np.abs(plain_new["params"]["final_layer"]["linear"]["kernel"]).max() > 0  # a real one (zero init)
     jax.tree.map(np.testing.assert_array_equal, proj_new, proj_old)  # zero gradient, no weight decay
-    # with coeff > 0 the term joins the loss and trains the projector
-    on_new, on_m, on_old = _one_step(_repa_smoke(digits_encoder, coeff=0.5), tmp_path, batch)
-    assert 0 < on_m["repa_loss"] <= 2
-    np.testing.assert_allclose(on_m["loss"], on_m["flow_loss"] + 0.01 * on_m["nll"] + 0.5 * on_m["repa_loss"],
-                               rtol=1e-6)
-    assert on_m["flow_loss"] == plain_m["flow_loss"]  # same init, same draws
-    d = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), on_new["params"]["projector"],
-                     on_old["params"]["projector"])
-    assert min(jax.tree.leaves(d)) > 0
 
 
 def test_alignment_gradient_never_reaches_the_encoder(digits_encoder, tmp_path):
@@ -178,8 +170,8 @@ def test_imagenet_repa_step_lowers_at_batch_one(arg, monkeypatch):
     graphdef, params, _ = nnx.eval_shape(lambda: dit.init(mcfg, key))
     rest = jax.jit(lambda k: dit.init(mcfg, k)[2])(key)  # the fixed position embedding only
     tx, _ = train.make_optimizer(c.optim)
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": jax.eval_shape(tx.init, params),
-             "ema": params, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+             "opt_state": jax.eval_shape(tx.init, params), "ema": params, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
     batch = {"image": jax.ShapeDtypeStruct((1, 32, 32, 4), jnp.float32),
              "label": jax.ShapeDtypeStruct((1,), jnp.int32),
              "pixels": jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.uint8)}
@@ -213,8 +205,11 @@ def test_digits_repa_run_from_main_resumes(digits_encoder, tmp_path):
     log = _main(tmp_path, "--config.train.num_steps=8")
     assert "resumed from step 4" in log and "training the target encoder" not in log
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    steps = [m["step"] for m in metrics if "repa_loss" in m]
-    assert steps == [4, 8] and all(0 < m["repa_loss"] <= 2 for m in metrics if "repa_loss" in m)
+    logged = [m for m in metrics if "repa_loss" in m]
+    assert [m["step"] for m in logged] == [4, 8]
+    for m in logged:  # the term joins the loss with coeff 0.5
+        assert 0 < m["repa_loss"] <= 2
+        np.testing.assert_allclose(m["loss"], m["flow_loss"] + 0.01 * m["nll"] + 0.5 * m["repa_loss"], rtol=1e-5)
     model_cfg, params, _ = ckpt_lib.load_inference(tmp_path / "inference")
     assert model_cfg["repa_depth"] == 1 and params["projector"]["fc3"]["kernel"].shape == (256, 128)
     assert dit.DiTConfig.from_dict(model_cfg) == config_lib.model_config(digits.get_config("smoke,repa"))

@@ -211,7 +211,8 @@ def test_torch_configs_parse_explicitly():
     bad = [
         ({**PFT_B, "target": "x.REPASiT"}, "config.target='x.REPASiT' is not supported"),
         ({**REPA_XL, "params": {**REPA_XL["params"], "predict_uncertainty": False}}, "requires True"),
-        ({**REPA_XL, "params": {**REPA_XL["params"], "encoder_depth": 29}}, r"encoder_depth=29 must be in \[1, depth=28\]"),
+        ({**REPA_XL, "params": {**REPA_XL["params"], "encoder_depth": 29}},
+         r"encoder_depth=29 must be in \[1, depth=28\]"),
         ({**PFT_B, "params": {**PFT_B["params"], "z_dim": 768}}, r"unknown keys \['z_dim'\]"),
         ({**PFT_B, "params": {**PFT_B["params"], "learn_sigma": True}}, "learn_sigma=True"),
         ({**PFT_B, "params": {**PFT_B["params"], "class_dropout_prob": 0.0}}, "class_dropout_prob"),
