@@ -102,8 +102,9 @@ def run(args, study: pathlib.Path, seed: int, arm: str) -> dict:
     tag = f"fid_{args.num_samples // 1000}k" if args.num_samples % 1000 == 0 else f"fid_{args.num_samples}"
     fids = {m["step"]: m[tag] for m in lines if tag in m}
     repa_loss = {m["step"]: m["repa_loss"] for m in lines if "repa_loss" in m}
+    flow = [m["flow_loss"] for m in lines if "flow_loss" in m][-4:]  # the last 200 steps' logs
     sps = [m["steps_per_sec"] for m in lines if "steps_per_sec" in m][1:]  # the first includes compiling
-    return {"fid": fids, "repa_loss": repa_loss, "wall_s": float((workdir / "wall_s.txt").read_text()),
+    return {"fid": fids, "repa_loss": repa_loss, "final_flow_loss": float(np.mean(flow)), "wall_s": float((workdir / "wall_s.txt").read_text()),
             "steps_per_sec": float(np.median(sps)) if sps else None}
 
 
@@ -161,6 +162,11 @@ def report(result: dict) -> str:
         f"against {result['reference_count']} training digits, features {result['feature_network']}. "
         f"Noise floor (1,000 held-out real digits, two halves): {floor}.", "",
         *rows, "",
+        "Training flow loss (mean of the last 4 logs, steps %d-%d): " % (s["steps"] - 150, s["steps"])
+        + ", ".join(f"{r['arm']} seed {r['seed']} {r['final_flow_loss']:.4f}" for r in runs) + ". "
+        "REPA's alignment term (1 - cos) from the first to the last log: "
+        + ", ".join(f"seed {r['seed']} {r['repa_loss'][min(r['repa_loss'])]:.3f} -> "
+                    f"{r['repa_loss'][max(r['repa_loss'])]:.3f}" for r in runs if r["arm"] == "repa") + ".", "",
         "Steps/s (median of the logged intervals, FID evaluations excluded): "
         + ", ".join(f"{r['arm']} seed {r['seed']} {r['steps_per_sec'] or float('nan'):.2f}" for r in runs) + ".", "",
         f"![FID against steps](repa_convergence_{result['device']}.png)", "",
