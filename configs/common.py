@@ -31,6 +31,17 @@ def eval_block() -> ml_collections.ConfigDict:
     ))
 
 
+def repa_block(encoder_depth: int = 0, **overrides) -> ml_collections.ConfigDict:
+    """REPA (patch_forcing/repa.py): encoder_depth 0 = off; else the DiT's hidden tokens after
+    that block go through a projector MLP (D -> projector_dim -> projector_dim -> z_dim) and
+    `coeff * mean_tokens(1 - cos(z, encoder features))` joins the loss. The encoder is a DINOv2
+    preset (encoder_path = its local weights) or 'classifier' (small data; encoder_path = a
+    classifier dir, or '' to train one into <workdir>/repa_encoder)."""
+    r = {k: v for k, v in presets.REPA.items() if k != "encoder_depth"}
+    return ml_collections.ConfigDict(dict(r, encoder_depth=encoder_depth, encoder_path="", resolution=224,
+                                          **overrides))
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -38,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         name="digits", source="auto", data_dir="", split_train="train", split_eval="test",
         image_size=(8, 8), pad=0, channels=1, num_classes=10, hflip=False, batch_size=128,
-        num_workers=0,
+        num_workers=0, with_pixels=False,  # with_pixels: latents only, batch['pixels'] for REPA
     ))
     c.model = model_block("PF-Tiny/2", image_size=8, in_channels=1, num_classes=10)
 
@@ -51,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
         if params:
             c.flow[name] = dict(params)
     c.loss = ml_collections.ConfigDict(dict(nll_weight=0.01, label_dropout=0.1))
+    c.repa = repa_block()  # off
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-4, warmup_steps=1000, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
     ))

@@ -5,7 +5,10 @@
 On the 2-core CI-class CPU this trains in a few minutes and leaves recognisable digits in
 <workdir>/samples/, difficulty maps beside them, TensorBoard events, checkpoints and an
 inference checkpoint in <workdir>/inference.
-`--config=configs/digits.py:smoke` shrinks everything for tests (a few steps).
+`--config=configs/digits.py:smoke` shrinks everything for tests (a few steps); `:repa` (or
+`:smoke,repa`) adds REPA with a digit classifier trained into <workdir>/repa_encoder as the frozen
+target encoder (its 4x4x128 last conv map: one 128-d feature per DiT token), so the whole REPA
+path runs on a CPU.
 """
 
 from configs import common
@@ -14,6 +17,10 @@ PRESETS = ("", "smoke")
 
 
 def get_config(arg: str = ""):
+    args = [a for a in arg.split(",") if a]
+    if any(a not in ("smoke", "repa") for a in args):
+        raise ValueError(f"configs/digits.py argument {arg!r}: each of its comma-separated parts must be "
+                         "one of ['smoke', 'repa']")
     c = common.base_config()
     c.data.name = "digits"
     c.data.split_train, c.data.split_eval = "train", "test"
@@ -27,7 +34,7 @@ def get_config(arg: str = ""):
     c.checkpoint.every_steps = 500
     c.log.every_steps, c.log.eval_every_steps, c.log.sample_every_steps = 100, 500, 1250
     c.sampler.steps = 50
-    if arg == "smoke":
+    if "smoke" in args:
         c.model = common.model_block("PF-Tiny/2", image_size=8, in_channels=1, num_classes=10,
                                      hidden_size=32, depth=1, num_heads=2)
         c.data.batch_size = 16
@@ -38,6 +45,6 @@ def get_config(arg: str = ""):
         c.log.num_samples, c.log.num_eval_examples = 8, 16
         c.sampler.steps = 4
         c.sample.num_images = c.sample.batch_size = 8
-    elif arg:
-        raise ValueError(f"configs/digits.py argument {arg!r} is not one of ['', 'smoke']")
+    if "repa" in args:  # the classifier's last conv map (4x4x128) stands in for DINOv2
+        c.repa = common.repa_block(encoder_depth=1, encoder="classifier", z_dim=128, projector_dim=256)
     return c

@@ -9,6 +9,8 @@ Reads tensorflow-datasets' `mnist` when it is prepared locally, else the origina
 8,000 digits train, the last 2,000 are held out (validation loss, FID reference).
 Cost (benchmarks/results/train_step_cpu.md): ~1.9 s a step at batch 128 on the 2-core CPU, so
 the full 20k steps are a GPU job (minutes there); `:smoke` runs anywhere.
+`:repa` (or `:smoke,repa`) adds REPA with an MNIST classifier trained into <workdir>/repa_encoder
+as the frozen target encoder (its 8x8x64 last conv map: one 64-d feature per DiT token).
 With network and tfds: --config.data.source=tfds --config.data.split_train=train
 --config.data.split_eval=test.
 """
@@ -19,6 +21,10 @@ PRESETS = ("", "smoke")
 
 
 def get_config(arg: str = ""):
+    args = [a for a in arg.split(",") if a]
+    if any(a not in ("smoke", "repa") for a in args):
+        raise ValueError(f"configs/mnist.py argument {arg!r}: each of its comma-separated parts must be "
+                         "one of ['smoke', 'repa']")
     c = common.base_config()
     c.data.name, c.data.source = "mnist", "auto"
     c.data.split_train, c.data.split_eval = "test[:8000]", "test[8000:]"
@@ -31,7 +37,7 @@ def get_config(arg: str = ""):
     c.train.num_steps = 20000
     c.checkpoint.every_steps = 2000
     c.log.every_steps, c.log.eval_every_steps, c.log.sample_every_steps = 100, 2000, 5000
-    if arg == "smoke":
+    if "smoke" in args:
         c.model = common.model_block("PF-Tiny/4", image_size=32, in_channels=1, num_classes=10,
                                      hidden_size=32, depth=1, num_heads=2)
         c.data.batch_size, c.train.num_steps = 16, 4
@@ -39,6 +45,7 @@ def get_config(arg: str = ""):
         c.log.every_steps = c.log.eval_every_steps = c.log.sample_every_steps = 2
         c.log.num_samples, c.log.num_eval_examples = 8, 16
         c.sampler.steps = 4
-    elif arg:
-        raise ValueError(f"configs/mnist.py argument {arg!r} is not one of ['', 'smoke']")
+    if "repa" in args:  # the classifier's last conv map (8x8x64) stands in for DINOv2
+        c.repa = common.repa_block(encoder_depth=1 if "smoke" in args else 2, encoder="classifier", z_dim=64,
+                                   projector_dim=256)
     return c

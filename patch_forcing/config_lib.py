@@ -13,7 +13,7 @@ from etils import epath
 
 from patch_forcing.data import pipeline
 from patch_forcing.flow import samplers, timesteps
-from patch_forcing.models import dit
+from patch_forcing.models import dinov2, dit
 
 MODES = ("train", "sample", "evaluate")
 GLOBAL_TIMESTEPS = ("uniform", "logit_normal")
@@ -29,12 +29,73 @@ def model_config(config) -> dit.DiTConfig:
     fields = {f.name for f in dataclasses.fields(dit.DiTConfig)}
     block = {k: v for k, v in config.model.items() if k != "preset"}
     block["attention_impl"] = block.get("attention_impl") or None  # "" in configs = JAX's choice
+    fields -= {"repa_depth", "repa_z_dim", "repa_projector_dim"}  # set from config.repa
     unknown = sorted(set(block) - fields)
-    _require(not unknown, f"config.model has unknown fields {unknown}; allowed: {sorted(fields)}")
+    _require(not unknown, f"config.model has unknown fields {unknown}; allowed: {sorted(fields)} "
+                          "(REPA's projector: config.repa)")
+    block.update(_repa_model_fields(config, block.get("depth")))
     try:
         return dit.DiTConfig(**block)
     except ValueError as e:
         raise ValueError(f"config.model.{e}") from None
+
+
+# ----------------------------------------------------------------------------- REPA
+def repa_enabled(config) -> bool:
+    """Whether the DiT has a REPA projector (config.repa.encoder_depth > 0; configs without a
+    `repa` block have none)."""
+    r = config.get("repa")
+    return r is not None and int(r.get("encoder_depth", 0)) != 0
+
+
+def repa_aligns(config) -> bool:
+    """Whether the train step adds the alignment term (a projector and repa.coeff > 0)."""
+    return repa_enabled(config) and float(config.repa.coeff) > 0
+
+
+def _repa_model_fields(config, depth) -> dict:
+    """The DiTConfig fields config.repa sets: projector depth and sizes (none when REPA is off)."""
+    if not repa_enabled(config):
+        return {}
+    r = config.repa
+    k = r.encoder_depth
+    _require(isinstance(k, int) and isinstance(depth, int) and 1 <= k <= depth,
+             f"config.repa.encoder_depth={k!r} must be an int in [0, config.model.depth={depth}] (0 = REPA off)")
+    for field in ("z_dim", "projector_dim"):
+        _require(isinstance(r[field], int) and r[field] >= 1, f"config.repa.{field}={r[field]!r} must be an int >= 1")
+    return dict(repa_depth=k, repa_z_dim=r.z_dim, repa_projector_dim=r.projector_dim)
+
+
+def check_repa(config, mode: str = "train") -> None:
+    """The `repa` block (configs/common.py repa_block): one-line ValueError naming the field.
+    The target encoder and its images are checked only for training with coeff > 0; nothing is read."""
+    if not repa_enabled(config):
+        return
+    r = config.repa
+    _require(isinstance(r.coeff, (int, float)) and r.coeff >= 0, f"config.repa.coeff={r.coeff!r} must be >= 0")
+    if mode != "train" or not repa_aligns(config):
+        return
+    encoders = [*dinov2.PRESETS, "classifier"]
+    _require(r.encoder in encoders, f"config.repa.encoder={r.encoder!r} is not one of {encoders}")
+    latents = config.data.name == "latents"
+    if r.encoder == "classifier":
+        _require(not latents, "config.repa.encoder='classifier' reads pixel data, not data.name='latents': "
+                              "use a DINOv2 encoder (e.g. 'dinov2_vitb14_reg')")
+    else:
+        enc = dinov2.preset(r.encoder)
+        _require(r.z_dim == enc.hidden_size,
+                 f"config.repa.z_dim={r.z_dim} must equal {r.encoder}'s feature size {enc.hidden_size}")
+        res, patch = r.resolution, enc.patch_size
+        _require(isinstance(res, int) and res >= patch and res % patch == 0,
+                 f"config.repa.resolution={r.resolution!r} must be a positive multiple of the patch size "
+                 f"{enc.patch_size}")
+        where = dinov2.where_to_get(r.encoder) if r.encoder != "dinov2_tiny" else "a local file"
+        _require(bool(r.encoder_path), f"config.repa.encoder_path is empty: REPA's target {r.encoder} needs local "
+                                       f"weights; {where}")
+    if latents:
+        _require(bool(config.data.get("with_pixels", False)),
+                 "config.data.with_pixels=False: REPA's encoder reads the images, but data.name='latents' holds "
+                 "latents only; extract them with `extract_latents --pixels` and set data.with_pixels=True")
 
 
 def timestep_sampler(config):
@@ -79,6 +140,7 @@ def validate(config, mode: str = "train") -> None:
              f"config.checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}")
     _require(config.checkpoint.keep >= 1, f"config.checkpoint.keep must be >= 1, got {config.checkpoint.keep}")
     pipeline.check_config(d)
+    check_repa(config, mode)
     if "eval" in config:
         check_eval(config.eval)
         _require(not (d.name == "latents" and config.eval.reference == "data"),

@@ -37,6 +37,12 @@ def dit_fields(name: str, **overrides) -> dict:
     return fields
 
 
+# ----------------------------------------------------------------------------- REPA
+# REPA (Yu et al. 2025) as the paper trains it: the released REPAPatchForcingDiT's projector
+# (hidden tokens after block 8 -> MLP 2048 -> 768) aligned to DINOv2-B/14 (with registers: the
+# authors' helper package's default) patch tokens; weight 0.5 (REPA's; the paper does not say).
+REPA = dict(encoder_depth=8, z_dim=768, projector_dim=2048, coeff=0.5, encoder="dinov2_vitb14_reg")
+
 # ----------------------------------------------------------------------------- training times
 # Training timestep sampler name -> its parameters' defaults (flow/timesteps.py).
 TIMESTEP_PARAMS = {

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from patch_forcing import UserError
 from patch_forcing import checkpoint as ckpt_lib
-from patch_forcing import config_lib, pictures, sharding
+from patch_forcing import config_lib, pictures, repa, sharding
 from patch_forcing.data import pipeline
 from patch_forcing.evaluation import fid
 from patch_forcing.flow import interpolant, samplers
@@ -100,16 +100,26 @@ def init_state(config, mesh):
 
 
 # ----------------------------------------------------------------------------- update step
-def make_train_step(config, graphdef, rest):
-    """step(state, batch) -> (state, metrics), pure; jit it with the state's shardings."""
+def make_train_step(config, graphdef, rest, encoder: repa.TargetEncoder | None = None):
+    """step(state, batch) -> (state, metrics), pure; jit it with the state's shardings.
+
+    With REPA aligning (config.repa.encoder_depth > 0, coeff > 0) it is step(state, batch,
+    encoder_params): the frozen `encoder` (repa.target_encoder) reads the batch's clean images and
+    the loss gains coeff * alignment_loss(z, f), logged as 'repa_loss'. With coeff = 0 no encoder
+    runs and the step is the plain model's (the projector gets zero gradients).
+    """
     mcfg = config_lib.model_config(config)
     tx, schedule = make_optimizer(config.optim)
     sample_t = config_lib.timestep_sampler(config)
-    apply = dit.make_apply(graphdef, rest)
+    align = config_lib.repa_aligns(config)
+    if align and encoder is None:
+        raise ValueError("config.repa aligns (encoder_depth > 0, coeff > 0): pass encoder=repa.target_encoder(...)")
+    coeff = float(config.repa.coeff) if align else 0.0
+    apply = dit.make_apply(graphdef, rest, return_z=align)
     p, n, null = mcfg.patch_size, mcfg.num_patches, mcfg.num_classes
     nll_weight, dropout, decay = config.loss.nll_weight, config.loss.label_dropout, config.ema.decay
 
-    def step(state, batch):
+    def step(state, batch, encoder_params=None):
         x1 = batch["image"].astype(jnp.float32)
         y = batch["label"].astype(jnp.int32)
         b = x1.shape[0]
@@ -122,10 +132,18 @@ def make_train_step(config, graphdef, rest):
         xt = interpolant.interpolate(x0, x1, t, p)
         u = interpolant.target(x0, x1)
         y = jnp.where(jax.random.uniform(k_drop, (b,)) < dropout, null, y)  # CFG label dropout
+        if align:  # REPA target: the frozen encoder on the clean images, whatever the patch times
+            f = jax.lax.stop_gradient(encoder.features(encoder_params, repa.encoder_images(batch)))  # (B, N, z)
 
         def loss_fn(params):
-            v, s = apply(params, xt, t, y)
-            return loss_lib.patch_forcing_loss(v, s, u, nll_weight)
+            if not align:
+                v, s = apply(params, xt, t, y)
+                return loss_lib.patch_forcing_loss(v, s, u, nll_weight)
+            v, s, z = apply(params, xt, t, y)
+            loss, metrics = loss_lib.patch_forcing_loss(v, s, u, nll_weight)
+            repa_loss = loss_lib.alignment_loss(z, f)
+            loss = loss + coeff * repa_loss
+            return loss, {**metrics, "repa_loss": repa_loss, "loss": loss}
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -138,14 +156,17 @@ def make_train_step(config, graphdef, rest):
     return step
 
 
-def jit_train_step(config, graphdef, rest, shardings, mesh):
-    batch_shard = sharding.batch_sharding(mesh)
-    return jax.jit(
-        make_train_step(config, graphdef, rest),
-        in_shardings=(shardings, {"image": batch_shard, "label": batch_shard}),
-        out_shardings=(shardings, NamedSharding(mesh, P())),
-        donate_argnums=0,
-    )
+def jit_train_step(config, graphdef, rest, shardings, mesh, encoder: repa.TargetEncoder | None = None):
+    """jit(step)(state, batch) over `mesh`; a REPA encoder's params are replicated, placed once."""
+    batch_shard, replicated = sharding.batch_sharding(mesh), NamedSharding(mesh, P())
+    step = make_train_step(config, graphdef, rest, encoder)
+    if not config_lib.repa_aligns(config):
+        return jax.jit(step, in_shardings=(shardings, batch_shard), out_shardings=(shardings, replicated),
+                       donate_argnums=0)
+    jitted = jax.jit(step, in_shardings=(shardings, batch_shard, replicated),
+                     out_shardings=(shardings, replicated), donate_argnums=0)
+    encoder_params = jax.device_put(encoder.params, replicated)
+    return lambda state, batch: jitted(state, batch, encoder_params)
 
 
 # ----------------------------------------------------------------------------- periodic evaluation
@@ -370,7 +391,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     state, start = _restore(manager, state, train_iter, mcfg)
     _write_config(config, workdir)
     writer = MetricWriter(workdir, enabled=sharding.is_chief())
-    train_step = jit_train_step(config, graphdef, rest, shardings, mesh)
+    train_step = jit_train_step(config, graphdef, rest, shardings, mesh, repa.target_encoder(config, workdir))
     evaluator = Evaluator(config, workdir, graphdef, rest, mesh)
     finite, progress, last, t_log = _FiniteCheck(manager, workdir), _Progress(config, workdir, start), {}, time.time()
     with jax.set_mesh(mesh), _Preemption() as preemption:

@@ -36,23 +36,36 @@ def shard_name(index: int, num_shards: int) -> str:
     return f"latents-{index:05d}-of-{num_shards:05d}.array_record"
 
 
-def encode_record(latent: np.ndarray, label: int, index: int) -> bytes:
-    """One example -> bytes: a msgpack map {'latent': {'dtype': '<f4' | '<f2', 'shape', 'data'},
-    'label', 'index'} (little-endian, so files are portable). With flips `latent` is (2, h, w, c):
-    [0] encodes the image, [1] its horizontal mirror (not the mirror of [0]). Latents are already
-    scaled by `scale_factor`; in 'moments' mode the channels are [mean, logvar] of the scaled
-    latent's Gaussian posterior (`sample_moments` draws from it)."""
-    a = np.ascontiguousarray(latent)
+def _pack(a: np.ndarray) -> dict:
+    a = np.ascontiguousarray(a)
     a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-    return msgpack.packb({"latent": {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()},
-                          "label": int(label), "index": int(index)})
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
+
+
+def _unpack(d: dict) -> np.ndarray:
+    return np.frombuffer(d["data"], dtype=np.dtype(d["dtype"])).reshape(d["shape"])
+
+
+def encode_record(latent: np.ndarray, label: int, index: int, pixels: np.ndarray | None = None) -> bytes:
+    """One example -> bytes: a msgpack map {'latent': {'dtype': '<f4' | '<f2', 'shape', 'data'},
+    'label', 'index'[, 'pixels': {... '|u1' ...}]} (little-endian, so files are portable). With
+    flips `latent` is (2, h, w, c): [0] encodes the image, [1] its horizontal mirror (not the mirror
+    of [0]). Latents are already scaled by `scale_factor`; in 'moments' mode the channels are
+    [mean, logvar] of the scaled latent's Gaussian posterior (`sample_moments` draws from it).
+    `pixels` (extract_latents --pixels): the encoded uint8 image (S, S, 3), unflipped, for
+    encoders that read images during training (REPA)."""
+    record = {"latent": _pack(latent), "label": int(label), "index": int(index)}
+    if pixels is not None:
+        record["pixels"] = _pack(np.asarray(pixels, np.uint8))
+    return msgpack.packb(record)
 
 
 def decode_record(data: bytes) -> dict[str, Any]:
-    """Bytes -> {'latent': array as stored, 'label': int, 'index': int}."""
+    """Bytes -> {'latent': array as stored, 'label': int, 'index': int[, 'pixels': uint8]}."""
     r = msgpack.unpackb(data)
-    lat = r["latent"]
-    r["latent"] = np.frombuffer(lat["data"], dtype=np.dtype(lat["dtype"])).reshape(lat["shape"])
+    r["latent"] = _unpack(r["latent"])
+    if "pixels" in r:
+        r["pixels"] = _unpack(r["pixels"])
     return r
 
 
@@ -72,6 +85,7 @@ def write_metadata(directory: str, meta: Mapping[str, Any]) -> None:
          "latent_shape": [h, w, c], "record_shape": [2, h, w, c] (or [h, w, c] without flips;
          2c channels in 'moments' mode), "dtype": "float32" | "float16", "scale_factor": 0.18215,
          "flips": true, "mode": "mean" | "sample" | "moments", "seed": 0, "image_size": 256,
+         "pixels": false (true: every record also holds its uint8 image),
          "vae": {...}, "source": {...}, "classes": [...],
          "shards": [{"name": ..., "num_examples": K, "sha256": ...}]}   # finished, index order
     """
@@ -113,8 +127,8 @@ class ShardWriter:
         self._writer = ArrayRecordWriter(self.tmp, WRITER_OPTIONS)
         self.num_examples = 0
 
-    def write(self, latent: np.ndarray, label: int, index: int) -> None:
-        self._writer.write(encode_record(latent, label, index))
+    def write(self, latent: np.ndarray, label: int, index: int, pixels: np.ndarray | None = None) -> None:
+        self._writer.write(encode_record(latent, label, index, pixels))
         self.num_examples += 1
 
     def commit(self) -> dict[str, Any]:
@@ -155,7 +169,8 @@ def count_records(path: str) -> int:
 class LatentSource:
     """grain random-access source over a finished latent directory.
 
-    `source[i]` -> {'latent': float32 (2, h, w, c) with flips else (h, w, c), 'label': int32}.
+    `source[i]` -> {'latent': float32 (2, h, w, c) with flips else (h, w, c), 'label': int32
+    [, 'pixels': uint8 (S, S, 3) when extracted with --pixels]}.
     `verify=True` also checks each shard's sha256 (reads every byte once). A truncated shard fails
     here, a damaged record, one of another shape or with NaN/inf when read: a UserError naming
     the shard and the record.
@@ -215,7 +230,10 @@ class LatentSource:
             raise UserError(f"{self.where(index)} has shape {latent.shape}, {METADATA} says {self.record_shape}")
         if not np.isfinite(latent).all():
             raise UserError(f"{self.where(index)} holds NaN/inf")
-        return {"latent": latent, "label": np.int32(r["label"])}
+        out = {"latent": latent, "label": np.int32(r["label"])}
+        if "pixels" in r:
+            out["pixels"] = r["pixels"]
+        return out
 
     def where(self, index: int) -> str:
         """'latent shard <path> record <j> (example <index>)'."""

@@ -1,7 +1,9 @@
 """Input pipeline on grain: random-access sources, the training iterator, eval batches.
 
 Batches are dicts of numpy arrays: `image` float32 (B_local, H, W, C) NHWC, in [-1, 1] for pixel
-data (latents as stored, already scaled), and `label` int32 (B_local,). Sources (`data.name`):
+data (latents as stored, already scaled), and `label` int32 (B_local,); latents with
+`data.with_pixels` also carry `pixels` uint8 (B_local, S, S, 3), the encoded images flipped with
+their latents (REPA's encoder reads them). Sources (`data.name`):
 'digits' (sklearn's bundled 8x8 digits), 'mnist' (IDX files or tfds), 'tfds', 'latents'
 (`data.latents.LatentSource`; a stored flip pair is the hflip augmentation; split 'x' reads
 <data_dir>/x/, and 'train' may also be data_dir itself) and 'arrays' (.npz). Paths may be gs://.
@@ -102,9 +104,12 @@ def check_config(data_cfg, process_count: int = 1) -> None:
         raise ValueError(f"data.pad={pad!r} must be an int >= 0")
     if name == "latents" and pad:
         raise ValueError(f"data.pad={pad!r} must be 0 for data.name='latents'")
-    hflip = _get(data_cfg, "hflip", False)
-    if not isinstance(hflip, (bool, np.bool_)):
-        raise ValueError(f"data.hflip={hflip!r} must be True or False")
+    for field in ("hflip", "with_pixels"):
+        value = _get(data_cfg, field, False)
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"data.{field}={value!r} must be True or False")
+    if _get(data_cfg, "with_pixels", False) and name != "latents":
+        raise ValueError(f"data.with_pixels=True needs data.name='latents' (data.name={name!r} are the images)")
     batch = _get(data_cfg, "batch_size")
     if not _is_int(batch) or batch <= 0 or batch % process_count:
         raise ValueError(f"data.batch_size={batch!r} must be a positive int divisible by the "
@@ -204,10 +209,10 @@ class ArraySource:
 
 
 class _View:
-    """Contiguous sub-range of another source, records renamed to {'image', 'label'}."""
+    """Contiguous sub-range of another source, records renamed to {'image', 'label'[, 'pixels']}."""
 
-    def __init__(self, source, rng: slice, key: str = "image"):
-        self.source, self.start, self.key = source, rng.start, key
+    def __init__(self, source, rng: slice, key: str = "image", pixels: bool = False):
+        self.source, self.start, self.key, self.pixels = source, rng.start, key, pixels
         self.length = max(rng.stop - rng.start, 0)
 
     def __len__(self) -> int:
@@ -215,7 +220,10 @@ class _View:
 
     def __getitem__(self, i):
         record = self.source[self.start + int(i)]
-        return {"image": record[self.key], "label": record["label"]}
+        out = {"image": record[self.key], "label": record["label"]}
+        if self.pixels:
+            out["pixels"] = record["pixels"]
+        return out
 
     def __repr__(self) -> str:
         return f"_View({self.source!r}, start={self.start}, length={self.length})"
@@ -331,8 +339,12 @@ def _latent_source(cfg, split: str) -> _Raw:
     moments = meta.get("mode") == "moments"
     h, w, c = tuple(np.shape(src[0]["latent"]))[-3:]
     n_cls = len(meta["classes"]) if meta.get("classes") else None
-    return _Raw(_View(src, _slice(split, len(src)), key="latent"), (h, w, c // 2 if moments else c),
-                None, n_cls, "latents", moments, where=src.directory)
+    pixels = bool(_get(cfg, "with_pixels", False))
+    if pixels and not meta.get("pixels"):
+        raise UserError(f"data.with_pixels=True but the latents in {src.directory!r} hold no images; "
+                        "extract them with `python -m patch_forcing.tools.extract_latents --pixels`")
+    return _Raw(_View(src, _slice(split, len(src)), key="latent", pixels=pixels),
+                (h, w, c // 2 if moments else c), None, n_cls, "latents", moments, where=src.directory)
 
 
 def _raw_source(cfg, split: str) -> _Raw:
@@ -391,7 +403,8 @@ def make_source(data_cfg, split: str):
 
 @dataclasses.dataclass(frozen=True)
 class _Preprocess:
-    """Record -> {'image': float32 (H, W, C), 'label': int32}; picklable for grain workers."""
+    """Record -> {'image': float32 (H, W, C), 'label': int32[, 'pixels': uint8 (S, S, 3) flipped
+    with the latent]}; picklable for grain workers."""
 
     pixel_max: float | None
     pad: int
@@ -401,6 +414,10 @@ class _Preprocess:
     def __call__(self, record, rng: np.random.Generator | None = None):
         x = np.asarray(record["image"])
         flip = rng is not None and self.hflip and rng.random() < 0.5
+        out = {}
+        if "pixels" in record:  # the image the latent encodes: mirrored when its latent is
+            px = np.asarray(record["pixels"])
+            out["pixels"] = np.ascontiguousarray(px[:, ::-1] if flip else px)
         if x.ndim == 4:  # latent flip pair (2, h, w, c): element 1 is the flipped image's latent
             x, flip = x[int(flip)], False
         x = x.astype(np.float32)
@@ -414,7 +431,7 @@ class _Preprocess:
             x = x[:, ::-1]
         if self.pad:
             x = np.pad(x, ((self.pad, self.pad), (self.pad, self.pad), (0, 0)), constant_values=-1.0)
-        return {"image": np.ascontiguousarray(x), "label": np.int32(record["label"])}
+        return {"image": np.ascontiguousarray(x), "label": np.int32(record["label"]), **out}
 
 
 def make_train_iterator(data_cfg, seed: int, process_index: int = 0, process_count: int = 1):

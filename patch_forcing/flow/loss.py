@@ -5,6 +5,8 @@ validation loss of the authors' code.
   nll  = mean(0.5 * (log(2 pi) + s + (u - stop_gradient(v))^2 * exp(-s)))   # s broadcast over C
   loss = flow + nll_weight * nll                                           # nll_weight = 0.01
 
+With REPA (`alignment_loss`), the train step adds `repa.coeff * mean_tokens(1 - cos(z, sg(f)))`.
+
 `s` is the model's per-pixel log-variance, clamped to [-30, 20] as the reference does (its
 DiagonalGaussian clamps the std to [exp(-15), exp(10)]; the clamp passes no gradient outside).
 The NLL trains only the variance channel: the velocity is detached inside it. exp(s) pooled per
@@ -48,6 +50,24 @@ def patch_forcing_loss(
     nll = jnp.mean(gaussian_nll(u, jax.lax.stop_gradient(v), s.astype(jnp.float32)))
     loss = flow + nll_weight * nll
     return loss, {"flow_loss": flow, "nll": nll, "loss": loss}
+
+
+def alignment_loss(z: jnp.ndarray, f: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
+    """REPA's term: mean over batch and tokens of 1 - cos(z, stop_gradient(f)), in [0, 2].
+
+    z (B, N, D): the DiT's projected hidden tokens; f (B, N, D): the frozen encoder's features
+    of the clean images on the same token grid. Each token counts equally whatever its time: the
+    per-patch times of Patch Forcing change nothing here (as REPA's global time does not).
+    Norms are floored at eps, so a zero vector has cosine 0 and a finite gradient.
+    """
+    if z.shape != f.shape or z.ndim != 3:
+        raise ValueError(f"z {z.shape} and encoder features {f.shape} must both be (B, N, D), equal")
+    z, f = z.astype(jnp.float32), jax.lax.stop_gradient(f).astype(jnp.float32)
+
+    def unit(a):  # a / max(|a|, eps) with a finite gradient at 0
+        return a * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(a), -1, keepdims=True), eps * eps))
+
+    return jnp.mean(1.0 - jnp.sum(unit(z) * unit(f), axis=-1))
 
 
 def segment_times(num_segments: int = 8) -> jnp.ndarray:

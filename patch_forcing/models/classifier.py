@@ -64,11 +64,15 @@ class Classifier(nnx.Module):
         self.fc = nnx.Linear(flat, cfg.feature_dim, rngs=rngs)
         self.head = nnx.Linear(cfg.feature_dim, cfg.num_classes, rngs=rngs)
 
-    def __call__(self, x) -> dict:  # (B, H, W, C) float in [-1, 1]
+    def feature_map(self, x):  # (B, H, W, C) float in [-1, 1] -> the last stage's (B, h, w, widths[-1])
         for i, conv in enumerate(self.convs):
             x = jax.nn.relu(conv(x))
             if (i + 1) % self.cfg.depth == 0 and i < len(self.convs) - 1:
                 x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+        return x
+
+    def __call__(self, x) -> dict:  # (B, H, W, C) float in [-1, 1]
+        x = self.feature_map(x)
         spatial = x[..., :SPATIAL_CHANNELS].reshape(x.shape[0], -1)  # (B, h*w*16)
         pool = jax.nn.relu(self.fc(x.reshape(x.shape[0], -1)))  # (B, feature_dim)
         return dict(pool=pool, spatial=spatial, logits=self.head(pool))
@@ -159,9 +163,11 @@ def _unflat(flat: dict) -> dict:
     return out
 
 
-def features_apply(cfg: ClassifierConfig):
+def features_apply(cfg: ClassifierConfig, method: str = "__call__"):
     """apply(params, images (B, H, W, C) uint8 or float [-1, 1]) -> dict(pool, spatial, logits),
-    a pure function of the params (pure dict), to call inside other jitted code."""
+    a pure function of the params (pure dict), to call inside other jitted code.
+    method='feature_map': the last conv stage's map (B, h, w, widths[-1]) instead (REPA's
+    stand-in target on small data)."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Classifier(cfg, rngs=nnx.Rngs(0))))
     size = tuple(cfg.image_size) + (cfg.channels,)
 
@@ -171,7 +177,7 @@ def features_apply(cfg: ClassifierConfig):
                              f"got {tuple(images.shape)}")
         state = jax.tree.map(lambda a: a, abstract)
         nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(graphdef, state)(to_float(images))
+        return getattr(nnx.merge(graphdef, state), method)(to_float(images))
 
     return apply
 

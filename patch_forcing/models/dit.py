@@ -10,6 +10,10 @@ Parameter tree (nnx.state(model, nnx.Param).to_pure_dict()), kernels stored (in,
   x_embedder.{kernel (p,p,C,D), bias}        t_embedder.{fc1, fc2}.{kernel, bias}
   y_embedder.embedding (num_classes+1, D)    blocks[i].attn.{qkv, proj}, blocks[i].mlp.{fc1, fc2},
   blocks[i].adaLN_modulation                 final_layer.{adaLN_modulation, linear}
+REPA option (repa_depth > 0): `projector.{fc1, fc2, fc3}` maps the hidden tokens after block
+`repa_depth` (1-based) through Linear(D, P), SiLU, Linear(P, P), SiLU, Linear(P, z_dim) to `z`
+(B, N, z_dim), returned only by `model(x, t, y, return_z=True)` -> (v, s, z); every other caller
+gets (v, s) as before. The reference's `REPAPatchForcingDiT` projector.{0, 2, 4} converts to it.
 The fixed 2-D sin-cos position embedding `pos_embed` (1, N, D) is a `FixedEmbedding` variable, not
 an nnx.Param: select parameters with `nnx.Param` when differentiating / optimising / averaging.
 
@@ -60,6 +64,9 @@ class DiTConfig:
     per_patch: bool = True
     dtype: str = presets.DIT_DEFAULTS["dtype"]  # compute dtype; params are always float32
     attention_impl: str | None = presets.DIT_DEFAULTS["attention_impl"]  # dot_product_attention(implementation=)
+    repa_depth: int = 0  # REPA projector after this block (1-based); 0 = no projector
+    repa_z_dim: int = presets.REPA["z_dim"]  # projector output = the target encoder's feature size
+    repa_projector_dim: int = presets.REPA["projector_dim"]
 
     def __post_init__(self):
         size = self.image_size
@@ -81,6 +88,10 @@ class DiTConfig:
              f"attention_impl={self.attention_impl!r} is not one of {list(ATTENTION_IMPLS)}"),
             (self.attention_impl != "cudnn" or self.dtype != "float32",
              "attention_impl='cudnn' needs dtype 'bfloat16' or 'float16', got dtype='float32'"),
+            (0 <= self.repa_depth <= self.depth,
+             f"repa_depth={self.repa_depth} must be in [0, depth={self.depth}] (0 = no REPA projector)"),
+            (self.repa_z_dim >= 1 and self.repa_projector_dim >= 1,
+             f"repa_z_dim={self.repa_z_dim} and repa_projector_dim={self.repa_projector_dim} must be >= 1"),
             (self.hidden_size >= 4 and self.hidden_size % 4 == 0,
              f"hidden_size must be a positive multiple of 4 (2-D sin-cos position embedding), "
              f"got {self.hidden_size}"),
@@ -225,6 +236,18 @@ class FinalLayer(nnx.Module):
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 
+class Projector(nnx.Module):
+    """REPA's per-token MLP: Linear(D, P), SiLU, Linear(P, P), SiLU, Linear(P, z_dim)."""
+
+    def __init__(self, f: layers.Factory, d: int, hidden: int, z_dim: int):
+        self.fc1 = f.linear(d, hidden, ("embed", "mlp"))
+        self.fc2 = f.linear(hidden, hidden, (None, "mlp"))
+        self.fc3 = f.linear(hidden, z_dim, ("mlp", None))
+
+    def __call__(self, x):  # (B, N, D) -> (B, N, z_dim) float32
+        return self.fc3(nnx.silu(self.fc2(nnx.silu(self.fc1(x))))).astype(jnp.float32)
+
+
 class DiT(nnx.Module):
     """DiT(cfg, rngs=nnx.Rngs(0)) or DiT(**DiTConfig fields, rngs=...); see the module docstring."""
 
@@ -245,6 +268,8 @@ class DiT(nnx.Module):
         )
         self.blocks = nnx.List([DiTBlock(f, cfg) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(f, cfg)
+        if cfg.repa_depth:  # created last: the other parameters draw the same numbers as without it
+            self.projector = Projector(f, d, cfg.repa_projector_dim, cfg.repa_z_dim)
 
     def _check_inputs(self, x, t, y):
         cfg = self.config
@@ -262,23 +287,28 @@ class DiT(nnx.Module):
         if tuple(y.shape) != (b,):
             raise ValueError(f"y must have shape (B,)=({b},), got {tuple(y.shape)}")
 
-    def __call__(self, x, t, y):
+    def __call__(self, x, t, y, *, return_z: bool = False):
         """x (B, H, W, C), t (B, N) per-patch or (B,) global, y (B,) int in [0, num_classes]
-        (num_classes = the null class) -> v (B, H, W, C) float32, s (B, H, W, 1) float32 or None."""
+        (num_classes = the null class) -> v (B, H, W, C) float32, s (B, H, W, 1) float32 or None;
+        with return_z also z (B, N, repa_z_dim) float32, the REPA projection."""
         self._check_inputs(x, t, y)
         cfg = self.config
+        if return_z and not cfg.repa_depth:
+            raise ValueError("return_z=True needs a REPA projector (DiTConfig.repa_depth >= 1)")
         (h, w), p, c_in = cfg.image_size, cfg.patch_size, cfg.in_channels
         tok = self.x_embedder(x)  # (B, N, D) in the compute dtype
         tok = tok + use(self.pos_embed[...], jnp.float32)  # the residual stream stays float32
         temb = self.t_embedder(t if cfg.per_patch else t[:, None])  # (B, N or 1, D)
         cond = temb + self.y_embedder(y)[:, None, :]  # (B, N or 1, D)
-        for block in self.blocks:
+        z = None
+        for i, block in enumerate(self.blocks):
             tok = block(tok, cond)
+            if return_z and i + 1 == cfg.repa_depth:
+                z = self.projector(tok)  # (B, N, z_dim)
         out = self.final_layer(tok, cond).astype(jnp.float32)  # (B, N, p*p*C_out)
         img = unpatchify(out, p, h, w)  # (B, H, W, C_out)
-        if cfg.per_patch:
-            return img[..., :c_in], img[..., c_in:]
-        return img, None
+        v, s = (img[..., :c_in], img[..., c_in:]) if cfg.per_patch else (img, None)
+        return (v, s, z) if return_z else (v, s)
 
 
 def load_params(model: DiT, params: dict) -> DiT:
@@ -294,11 +324,12 @@ def param_count(cfg: DiTConfig) -> int:
 
 
 # ----------------------------------------------------------------------------- pure apply
-def make_apply(graphdef, rest):
-    """apply(params, x, t, y) -> (v, s): the model as a pure function of its nnx.Param state."""
+def make_apply(graphdef, rest, return_z: bool = False):
+    """apply(params, x, t, y) -> (v, s): the model as a pure function of its nnx.Param state;
+    with return_z -> (v, s, z), z the REPA projection (B, N, repa_z_dim)."""
 
     def apply(params, x, t, y):
-        return nnx.merge(graphdef, params, rest)(x, t, y)
+        return nnx.merge(graphdef, params, rest)(x, t, y, return_z=return_z)
 
     return apply
 

@@ -6,6 +6,8 @@ The mapping below is explicit: every reference key goes to exactly one of our pa
 Layouts: nn.Linear (out, in) -> kernel (in, out); patch-embed conv (D, C, p, p) -> (p, p, C, D).
 The final linear's per-token outputs are ordered (p, p, C+1) in both codebases, so it only
 transposes. `pos_embed` is checked against our fixed sin-cos embedding, then dropped.
+`REPAPatchForcingDiT` checkpoints add `projector.{0, 2, 4}` (Linear, SiLU, Linear, SiLU, Linear),
+which become our `projector.{fc1, fc2, fc3}` (DiTConfig.repa_depth = its encoder_depth).
 
 CLI (writes our inference checkpoint via patch_forcing.checkpoint.save_inference; needs
 `pip install -r requirements-convert.txt`: torch, omegaconf, safetensors):
@@ -41,8 +43,11 @@ _REF_DEFAULTS = dict(
     mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, out_channels=None,
     learn_sigma=False, return_sigma=False, compile=False,
 )
+# REPAPatchForcingDiT's extra constructor defaults (patch_flow/models/pf_transformer_repa.py).
+_REPA_DEFAULTS = dict(z_dim=768, encoder_depth=8, projector_dim=2048)
 _TARGETS = {  # class name at the end of config['target'] -> per_patch default
     "PatchForcingDiT": True,  # per-patch unless predict_uncertainty=False
+    "REPAPatchForcingDiT": True,  # always per-patch (the reference asserts predict_uncertainty)
     "DiT": False,
 }
 
@@ -68,11 +73,14 @@ def cfg_from_torch_config(cfg_dict: Mapping) -> DiTConfig:
             f"config.target={target!r} is not supported; its class must be one of {list(_TARGETS)}"
         )
     params = dict(cfg_dict.get("params") or {})
-    allowed = set(_REF_DEFAULTS) | {"predict_uncertainty"}
+    repa = cls == "REPAPatchForcingDiT"
+    allowed = set(_REF_DEFAULTS) | {"predict_uncertainty"} | (set(_REPA_DEFAULTS) if repa else set())
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise ValueError(f"config.params has unknown keys {unknown}; allowed: {sorted(allowed)}")
-    p = {**_REF_DEFAULTS, "predict_uncertainty": True, **params}
+    p = {**_REF_DEFAULTS, **(_REPA_DEFAULTS if repa else {}), "predict_uncertainty": True, **params}
+    if repa and not p["predict_uncertainty"]:
+        raise ValueError("config.params.predict_uncertainty=False: REPAPatchForcingDiT requires True")
     if p["learn_sigma"]:
         raise ValueError("config.params.learn_sigma=True is not supported (SiT/PF models use False)")
     if p["out_channels"] not in (None, p["in_channels"]):
@@ -84,11 +92,15 @@ def cfg_from_torch_config(cfg_dict: Mapping) -> DiTConfig:
             "config.params.class_dropout_prob must be > 0 (our label table always has the null row)"
         )
     per_patch = _TARGETS[cls] and bool(p["predict_uncertainty"])
+    extra = dict(repa_depth=int(p["encoder_depth"]), repa_z_dim=int(p["z_dim"]),
+                 repa_projector_dim=int(p["projector_dim"])) if repa else {}
+    if repa and not 1 <= extra["repa_depth"] <= int(p["depth"]):
+        raise ValueError(f"config.params.encoder_depth={extra['repa_depth']} must be in [1, depth={p['depth']}]")
     return DiTConfig(
         image_size=int(p["input_size"]), in_channels=int(p["in_channels"]),
         patch_size=int(p["patch_size"]), hidden_size=int(p["hidden_size"]), depth=int(p["depth"]),
         num_heads=int(p["num_heads"]), mlp_ratio=float(p["mlp_ratio"]),
-        num_classes=int(p["num_classes"]), per_patch=per_patch,
+        num_classes=int(p["num_classes"]), per_patch=per_patch, **extra,
     )
 
 
@@ -120,6 +132,9 @@ def rename_table(cfg: DiTConfig) -> list[tuple[str, tuple, str]]:
         table += _linear(f"{b}.adaLN_modulation.1", ("blocks", i, "adaLN_modulation"))
     table += _linear("final_layer.adaLN_modulation.1", ("final_layer", "adaLN_modulation"))
     table += _linear("final_layer.linear", ("final_layer", "linear"))
+    if cfg.repa_depth:  # REPA projector: nn.Sequential(Linear, SiLU, Linear, SiLU, Linear)
+        for i, ours in ((0, "fc1"), (2, "fc2"), (4, "fc3")):
+            table += _linear(f"projector.{i}", ("projector", ours))
     return table
 
 
@@ -151,6 +166,11 @@ def _torch_shapes(cfg: DiTConfig) -> dict[str, tuple]:
         }.items():
             shapes[f"blocks.{i}.{name}.weight"] = (d_out, d_in)
             shapes[f"blocks.{i}.{name}.bias"] = (d_out,)
+    if cfg.repa_depth:
+        hp, z = cfg.repa_projector_dim, cfg.repa_z_dim
+        for i, (d_out, d_in) in ((0, (hp, d)), (2, (hp, hp)), (4, (z, hp))):
+            shapes[f"projector.{i}.weight"] = (d_out, d_in)
+            shapes[f"projector.{i}.bias"] = (d_out,)
     return shapes
 
 

@@ -8,7 +8,9 @@
 Images: `--images` (one subfolder per class; labels are the sorted folder names) or
 `--tfds` (with `--tfds_manual_dir` holding ImageNet's tars). Each image is ADM centre-cropped
 (`center_crop_arr`) to --image_size, then the VAE encodes it and its horizontal mirror, in
-batches jitted over every local device (batch split over a 1-D mesh).
+batches jitted over every local device (batch split over a 1-D mesh). `--pixels` also stores the
+cropped uint8 image in its record (+196 KB at 256 px), for REPA's on-the-fly DINOv2
+(`data.with_pixels=True`; the pipeline mirrors it with its latent).
 
 Resumable: shard i holds examples [i*K, (i+1)*K) and is built from its own batches, so a
 restarted run skips finished shards, discards a half-written `.tmp` and writes byte-identical
@@ -190,6 +192,7 @@ class Options:
     mode: str = "mean"
     dtype: str = "float32"
     flips: bool = True
+    pixels: bool = False  # also store the cropped uint8 image in each record
     seed: int = 0
     workers: int = 0  # 0: os.cpu_count()
     max_shards: int | None = None  # stop after writing this many shards (partial runs, tests)
@@ -208,8 +211,9 @@ class Options:
 
 
 # Checked on resume, the flags first so the error names what the user changed.
-_SETTINGS = ("image_size", "mode", "flips", "dtype", "seed", "shard_size", "format_version", "num_examples",
-             "num_shards", "latent_shape", "record_shape", "scale_factor")
+_SETTINGS = ("image_size", "mode", "flips", "pixels", "dtype", "seed", "shard_size", "format_version",
+             "num_examples", "num_shards", "latent_shape", "record_shape", "scale_factor")
+_ABSENT = {"pixels": False}  # metadata written before the setting existed
 
 
 def _plan(source, vae, vae_name: str, opt: Options) -> dict[str, Any]:
@@ -222,7 +226,8 @@ def _plan(source, vae, vae_name: str, opt: Options) -> dict[str, Any]:
     n = len(source)
     meta = {"format_version": latents.FORMAT_VERSION, "num_examples": n, "num_shards": max(1, -(-n // opt.shard_size)),
             "shard_size": opt.shard_size, "latent_shape": shape, "record_shape": ([2] if opt.flips else []) + rec,
-            "dtype": opt.dtype, "scale_factor": cfg.scale_factor, "flips": opt.flips, "mode": opt.mode,
+            "dtype": opt.dtype, "scale_factor": cfg.scale_factor, "flips": opt.flips, "pixels": opt.pixels,
+            "mode": opt.mode,
             "seed": opt.seed, "image_size": opt.image_size,
             "vae": {"name": vae_name, "config": dataclasses.asdict(cfg)}, "source": source.description,
             "classes": list(getattr(source, "classes", [])), "shards": []}
@@ -289,7 +294,7 @@ def extract(source, out: str, vae, vae_name: str = "", options: Options = Option
     if (paths.path(out) / latents.METADATA).is_file():
         old = latents.read_metadata(out)
         for k in _SETTINGS:
-            if old.get(k) != meta[k]:
+            if old.get(k, _ABSENT.get(k)) != meta[k]:
                 raise ValueError(f"--out={str(out)!r} holds latents with {k}={old.get(k)!r}, this run has "
                                  f"{meta[k]!r}; use the same settings to resume, or a fresh --out")
         if old["vae"]["config"] != meta["vae"]["config"]:
@@ -327,7 +332,7 @@ def extract(source, out: str, vae, vae_name: str = "", options: Options = Option
                                mode=options.mode, flips=options.flips)
                     z = np.asarray(z)[:m].astype(options.dtype)
                     for j in range(m):
-                        writer.write(z[j], labels[j], index[j])
+                        writer.write(z[j], labels[j], index[j], imgs[j] if options.pixels else None)
                     bar.update(m * hosts)
                 done[i] = writer.commit()
             except BaseException:
@@ -360,6 +365,8 @@ flags.DEFINE_enum("mode", _D.mode, list(latents.MODES), "Posterior mean, a sampl
 flags.DEFINE_enum("dtype", _D.dtype, list(latents.DTYPES), "Stored dtype.", flag_values=FLAGS)
 flags.DEFINE_bool("flips", _D.flips, "Also encode the horizontal mirror (--noflips: only the image).",
                   flag_values=FLAGS)
+flags.DEFINE_bool("pixels", _D.pixels, "Also store each cropped uint8 image beside its latents (REPA's "
+                  "on-the-fly encoder reads them; +3 x image_size^2 bytes per record).", flag_values=FLAGS)
 flags.DEFINE_integer("seed", _D.seed, "Posterior sampling seed (--mode=sample).", flag_values=FLAGS)
 flags.DEFINE_integer("workers", _D.workers, "Image decoding threads (0: all cores).", flag_values=FLAGS)
 flags.DEFINE_integer("max_shards", None, "Write at most this many shards, then stop.", flag_values=FLAGS)
@@ -377,8 +384,8 @@ def main(argv) -> dict[str, Any]:
                                                                f.tfds_manual_dir)
     vae = vae_lib.load_vae(f.vae_repo, local_path=f.vae_path)
     opt = Options(image_size=f.image_size, shard_size=f.shard_size, batch_size=f.batch_size, mode=f.mode,
-                  dtype=f.dtype, flips=f.flips, seed=f.seed, workers=f.workers, max_shards=f.max_shards,
-                  progress=f.progress)
+                  dtype=f.dtype, flips=f.flips, pixels=f.pixels, seed=f.seed, workers=f.workers,
+                  max_shards=f.max_shards, progress=f.progress)
     name = f.vae_path or os.environ.get(vae_lib.ENV_WEIGHTS) or f.vae_repo
     meta = extract(source, f.out, vae, name, opt)
     if sharding.is_chief():

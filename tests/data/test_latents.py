@@ -215,3 +215,37 @@ def test_record_roundtrip_and_errors(tmp_path):
         E.Options(mode="x").check(1)
     with pytest.raises(ValueError, match="--batch_size=6"):
         E.Options(batch_size=6).check(8)
+
+
+def test_pixels_beside_latents_mirror_with_their_latent(full_run, folder, vae_dir, tmp_path):
+    """extract_latents --pixels stores each cropped image; with data.with_pixels the pipeline's
+    batch['pixels'] is mirrored exactly when its latent is the mirror's (REPA reads them)."""
+    from patch_forcing.data import pipeline
+
+    out = tmp_path / "lat"
+    meta = _run(folder, vae_dir, out, "--pixels")
+    assert meta["pixels"] is True
+    src = L.LatentSource(str(out))
+    files = sorted((folder / "ant").glob("*.png")) + sorted((folder / "bee").glob("*.png"))
+    for i in range(10):
+        crop = E.center_crop_arr(Image.open(files[i]).convert("RGB"), SIZE)
+        np.testing.assert_array_equal(src[i]["pixels"], crop)
+    ref = L.LatentSource(str(full_run[0]))  # the same latents as without pixels
+    np.testing.assert_array_equal(src[3]["latent"], ref[3]["latent"])
+    data = dict(name="latents", data_dir=str(out), split_train="train", image_size=(16, 16), channels=4,
+                num_classes=2, batch_size=10, hflip=True, with_pixels=True)
+    batch = next(pipeline.make_train_iterator(data, seed=3))
+    mirrored = []
+    for lat, px in zip(batch["image"], batch["pixels"]):
+        i = next(j for j in range(10) if np.isclose(src[j]["latent"], lat[None]).all(axis=(1, 2, 3)).any())
+        m = bool(np.allclose(src[i]["latent"][1], lat))
+        np.testing.assert_array_equal(px, src[i]["pixels"][:, ::-1] if m else src[i]["pixels"])
+        mirrored.append(m)
+    assert batch["pixels"].dtype == np.uint8 and 0 < sum(mirrored) < 10  # both cases seen
+    assert "pixels" not in next(pipeline.make_train_iterator({**data, "with_pixels": False}, seed=3))
+    with pytest.raises(ValueError, match="hold no images; extract them with .*--pixels"):
+        next(pipeline.make_train_iterator({**data, "data_dir": str(full_run[0])}, seed=3))
+    with pytest.raises(ValueError, match="pixels=False, this run has True"):
+        _run(folder, vae_dir, full_run[0], "--pixels")
+    with pytest.raises(ValueError, match="data.with_pixels=True needs data.name='latents'"):
+        pipeline.check_config({**data, "name": "digits"})

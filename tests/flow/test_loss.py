@@ -135,3 +135,23 @@ def test_nll_gradient_is_zero_on_the_dit_velocity_columns():
     cols = np.arange(g_nll.shape[1]) % (cfg.in_channels + 1)  # token layout (p, p, C+1)
     assert np.all(g_nll[:, cols < 3] == 0.0) and np.abs(g_nll[:, cols == 3]).max() > 0
     assert np.abs(g_flow[:, cols < 3]).max() > 0 and np.all(g_flow[:, cols == 3] == 0.0)
+
+
+def test_alignment_loss_is_one_minus_cosine_per_token():
+    f = jax.random.normal(jax.random.key(0), (3, 5, 8))
+    np.testing.assert_allclose(loss.alignment_loss(f, f), 0.0, atol=1e-6)
+    np.testing.assert_allclose(loss.alignment_loss(-f, f), 2.0, atol=1e-6)
+    np.testing.assert_allclose(loss.alignment_loss(4.0 * f, f), 0.0, atol=1e-6)  # scale-free
+    # per token: half the tokens aligned (0), half opposite (2), one orthogonal pair (1) -> mean
+    z = f.at[:, :2].multiply(-1.0)
+    np.testing.assert_allclose(loss.alignment_loss(z, f), 2.0 * 2 / 5, atol=1e-6)
+    e1, e2 = jnp.eye(2)[0][None, None], jnp.eye(2)[1][None, None]
+    np.testing.assert_allclose(loss.alignment_loss(e1, e2), 1.0, atol=1e-7)
+    # a zero vector: cosine 0, a finite gradient
+    g = jax.grad(lambda z: loss.alignment_loss(z, e1))(jnp.zeros((1, 1, 2)))
+    assert np.isfinite(np.asarray(g)).all()
+    # no gradient to the target, a nonzero one to z
+    gz, gf = jax.grad(loss.alignment_loss, argnums=(0, 1))(jax.random.normal(jax.random.key(1), f.shape), f)
+    assert np.abs(np.asarray(gz)).max() > 0 and not np.asarray(gf).any()
+    with pytest.raises(ValueError, match=r"must both be \(B, N, D\)"):
+        loss.alignment_loss(f, f[:, :4])

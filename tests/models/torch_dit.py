@@ -3,7 +3,8 @@
 Its `state_dict()` keys and shapes are exactly the authors' (timm-based) ones, so it doubles as a
 synthetic-checkpoint generator: x_embedder.proj.*, pos_embed, t_embedder.mlp.{0,2}.*,
 y_embedder.embedding_table.weight, blocks.{i}.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2,
-adaLN_modulation.1}.*, final_layer.{linear, adaLN_modulation.1}.*. Layout is NCHW, as in PyTorch.
+adaLN_modulation.1}.*, final_layer.{linear, adaLN_modulation.1}.*; with `encoder_depth` (REPA,
+SPEC §10) also projector.{0, 2, 4}.* reading the tokens after that block. Layout is NCHW.
 """
 
 from __future__ import annotations
@@ -115,10 +116,12 @@ class _Final(nn.Module):
 
 
 class TorchDiT(nn.Module):
-    """forward(x (B,C,H,W), t (B,N) or (B,), y (B,)) -> v (B,C,H,W), s (B,1,H,W) or None."""
+    """forward(x (B,C,H,W), t (B,N) or (B,), y (B,)) -> v (B,C,H,W), s (B,1,H,W) or None
+    [, z (B, N, z_dim) with return_z]."""
 
     def __init__(self, image_size=32, in_channels=4, patch_size=2, hidden_size=768, depth=12,
-                 num_heads=12, mlp_ratio=4.0, num_classes=1000, per_patch=True):
+                 num_heads=12, mlp_ratio=4.0, num_classes=1000, per_patch=True, encoder_depth=0,
+                 z_dim=768, projector_dim=2048):
         super().__init__()
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         self.gh, self.gw, self.p, self.c = h // patch_size, w // patch_size, patch_size, in_channels
@@ -132,6 +135,11 @@ class TorchDiT(nn.Module):
         )
         self.blocks = nn.ModuleList([_Block(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = _Final(hidden_size, patch_size, c_out)
+        self.encoder_depth = encoder_depth
+        if encoder_depth:
+            self.projector = nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+                                           nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+                                           nn.Linear(projector_dim, z_dim))
 
     def randomize(self, seed: int = 0, std: float = 0.2) -> "TorchDiT":
         """Random non-zero values for every trainable weight (including DiT's zero-init ones)."""
@@ -144,17 +152,19 @@ class TorchDiT(nn.Module):
                     prm.copy_(torch.randn(prm.shape, generator=g) * scale)
         return self
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, return_z=False):
         b = x.shape[0]
         tok = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         temb = self.t_embedder(t) if self.per_patch else self.t_embedder(t)[:, None]
         cond = temb + self.y_embedder(y)[:, None]  # (B, N or 1, D)
-        for blk in self.blocks:
+        z = None
+        for k, blk in enumerate(self.blocks, start=1):
             tok = blk(tok, cond)
+            if k == self.encoder_depth:
+                z = self.projector(tok)
         out = self.final_layer(tok, cond)  # (B, N, p*p*C_out), per token (p, q, c)
         c_out = out.shape[-1] // (self.p * self.p)
         img = out.view(b, self.gh, self.gw, self.p, self.p, c_out)
         img = img.permute(0, 5, 1, 3, 2, 4).reshape(b, c_out, self.gh * self.p, self.gw * self.p)
-        if self.per_patch:
-            return img[:, : self.c], img[:, self.c :]
-        return img, None
+        v, s = (img[:, : self.c], img[:, self.c :]) if self.per_patch else (img, None)
+        return (v, s, z) if return_z else (v, s)

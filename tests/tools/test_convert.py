@@ -1,6 +1,8 @@
 """Converter: the reference's key set for PF-B/2, forward parity with an independent PyTorch DiT
 on random non-zero weights (both modes), clear errors, config parsing and torch file loading."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -20,7 +22,10 @@ PFT_B = {  # configs/model/pft-b.yaml of the reference
     "params": {"in_channels": 4, "input_size": 32, "depth": 12, "hidden_size": 768, "patch_size": 2,
                "num_heads": 12, "num_classes": 1000, "compile": True, "predict_uncertainty": True},
 }
-
+REPA_XL = {  # REPAPatchForcingDiT at XL/2 with its constructor defaults (z_dim 768, depth 8, 2048)
+    "target": "patch_flow.models.pf_transformer_repa.REPAPatchForcingDiT",
+    "params": {**PFT_B["params"], "depth": 28, "hidden_size": 1152, "num_heads": 16},
+}
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -65,7 +70,61 @@ def test_pf_b2_reference_keys_and_shapes_map_exactly():
     assert n == dit.param_count(cfg) == 130_306_580
 
 
+def test_repa_xl_projector_maps_every_tensor():
+    """A reference-shaped REPAPatchForcingDiT-XL/2 state dict: the trunk as zero-cost stand-ins,
+    the projector random; every projector tensor lands transposed in projector.fc1..fc3."""
+    cfg = convert.cfg_from_torch_config(REPA_XL)
+    assert cfg == dataclasses.replace(dit.preset("PF-XL/2"), repa_depth=8, repa_z_dim=768, repa_projector_dim=2048)
+    with torch.device("meta"):
+        ref = TorchDiT(image_size=32, in_channels=4, patch_size=2, hidden_size=1152, depth=28, num_heads=16,
+                       num_classes=1000, encoder_depth=8, z_dim=768, projector_dim=2048)
+    shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    rng = np.random.default_rng(0)
+    sd = {k: (rng.standard_normal(s, np.float32) if k.startswith("projector.")
+              else np.broadcast_to(np.float32(0.5), s)) for k, s in shapes.items()}
+    sd["pos_embed"] = dit.sincos_pos_embed(1152, 16, 16)[None]
+    proj = sorted(k for k in sd if k.startswith("projector."))
+    assert proj == [f"projector.{i}.{w}" for i in (0, 2, 4) for w in ("bias", "weight")]
+    assert sum(sd[k].size for k in proj) == 8_131_328  # SPEC §10
+    params = convert.torch_to_params(sd, cfg)
+    for i, ours in ((0, "fc1"), (2, "fc2"), (4, "fc3")):
+        np.testing.assert_array_equal(params["projector"][ours]["kernel"], sd[f"projector.{i}.weight"].T)
+        np.testing.assert_array_equal(params["projector"][ours]["bias"], sd[f"projector.{i}.bias"])
+    abstract = nnx.eval_shape(lambda: dit.DiT(cfg, rngs=nnx.Rngs(0)))
+    want = jax.tree.map(lambda a: a.shape, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    assert jax.tree.map(np.shape, params) == want
+    assert dit.param_count(cfg) - dit.param_count(dit.preset("PF-XL/2")) == 8_131_328
+    plain = {k: v for k, v in sd.items() if not k.startswith("projector.")}
+    with pytest.raises(ValueError, match=r"unexpected keys \['projector.0.bias'"):
+        convert.torch_to_params(sd, dit.preset("PF-XL/2"))
+    with pytest.raises(ValueError, match=r"missing keys \['projector.0.bias'"):
+        convert.torch_to_params(plain, cfg)
+
+
 # ----------------------------------------------------------------------------- parity
+
+
+def test_repa_forward_matches_torch_including_z():
+    kw = {**TINY, "depth": 3}
+    ref = TorchDiT(**kw, encoder_depth=2, z_dim=24, projector_dim=40).randomize(seed=4)
+    cfg = dit.DiTConfig(**kw, repa_depth=2, repa_z_dim=24, repa_projector_dim=40)
+    model = our_model(cfg, convert.torch_to_params(numpy_state(ref), cfg))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 16, 16, 4), np.float32)
+    t = rng.uniform(size=(2, cfg.num_patches)).astype(np.float32)
+    y = np.array([3, 10])
+    v, s, z = nnx.jit(lambda m, *a: m(*a, return_z=True))(model, x, t, y)
+    v2, s2 = nnx.jit(lambda m, *a: m(*a))(model, x, t, y)  # the plain call is unchanged
+    np.testing.assert_array_equal(v, v2)
+    with torch.no_grad():
+        tv, ts, tz = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(y),
+                         return_z=True)
+    tz = tz.numpy()
+    assert z.shape == (2, 64, 24) and np.abs(tz).mean() > 0.1
+    np.testing.assert_allclose(z, tz, rtol=1e-4, atol=1e-4 * np.abs(tz).max())
+    np.testing.assert_allclose(v, tv.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-3)
+
+
 
 
 @pytest.mark.parametrize("per_patch, image_size", [(True, 16), (False, 16), (True, (16, 8))])
@@ -150,7 +209,10 @@ def test_torch_configs_parse_explicitly():
     # absent keys take the reference constructor's defaults (XL/2 on 32x32x4, 1000 classes)
     assert convert.cfg_from_torch_config({"target": PFT_B["target"]}) == dit.preset("PF-XL/2")
     bad = [
-        ({**PFT_B, "target": "x.REPAPatchForcingDiT"}, "config.target='x.REPAPatchForcingDiT' is not supported"),
+        ({**PFT_B, "target": "x.REPASiT"}, "config.target='x.REPASiT' is not supported"),
+        ({**REPA_XL, "params": {**REPA_XL["params"], "predict_uncertainty": False}}, "requires True"),
+        ({**REPA_XL, "params": {**REPA_XL["params"], "encoder_depth": 29}},
+         r"encoder_depth=29 must be in \[1, depth=28\]"),
         ({**PFT_B, "params": {**PFT_B["params"], "z_dim": 768}}, r"unknown keys \['z_dim'\]"),
         ({**PFT_B, "params": {**PFT_B["params"], "learn_sigma": True}}, "learn_sigma=True"),
         ({**PFT_B, "params": {**PFT_B["params"], "class_dropout_prob": 0.0}}, "class_dropout_prob"),
