@@ -13,7 +13,7 @@ path runs on a CPU.
 
 from configs import common
 
-PRESETS = ("", "smoke")
+PRESETS = ("", "smoke", "repa", "smoke,repa")
 
 
 def get_config(arg: str = ""):

@@ -17,7 +17,7 @@ With network and tfds: --config.data.source=tfds --config.data.split_train=train
 
 from configs import common
 
-PRESETS = ("", "smoke")
+PRESETS = ("", "smoke", "repa", "smoke,repa")
 
 
 def get_config(arg: str = ""):

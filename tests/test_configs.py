@@ -37,6 +37,10 @@ def _rows(split: str, n: int = 1000):
 @pytest.mark.parametrize("name,arg", PRESETS)
 def test_every_preset_validates_for_every_mode(name, arg):
     c = _config(name, arg)
+    if config_lib.repa_aligns(c) and c.repa.encoder.startswith("dinov2") and not c.repa.encoder_path:
+        with pytest.raises(ValueError, match="config.repa.encoder_path is empty"):  # the user names the weights
+            config_lib.validate(c, "train")
+        c.repa.encoder_path = "/ckpt/dinov2_vitb14_reg4_pretrain.pth"
     for mode in config_lib.MODES:
         config_lib.validate(c, mode)
     # the validation split is not part of the training split
