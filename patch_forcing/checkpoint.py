@@ -5,8 +5,9 @@ optimizer state, EMA, step, RNG; a pytree of jax.Arrays restored with the shardi
 abstract target) and `data` (the grain iterator's position). Saves are asynchronous; orbax only
 lists a step once it is complete, so resuming from `latest_step()` never sees a half-written one.
 
-An inference checkpoint (`<dir>/config.json` + `<dir>/params/`) holds the EMA parameters and the
-model config: all that sampling needs, without optimizer state. The converter of the authors'
+An inference checkpoint (`<dir>/config.json` + `<dir>/params/`) holds the EMA parameters, the
+model config and its family ('dit' or 't2i', `models.families`; 'dit' when absent; text models also
+record their conditioning): all that sampling needs, without optimizer state. The converter of the authors'
 PyTorch checkpoints writes the same format. Paths may be local or anything etils/orbax accept
 (e.g. gs://).
 """
@@ -22,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from patch_forcing.models import dit
+from patch_forcing.models import families
 
 INFERENCE_FORMAT = "patch_forcing.inference/1"
 
@@ -61,15 +62,16 @@ def restore(manager, step: int, abstract_state: Any, data_iter=None) -> Any:
 
 
 # --------------------------------------------------------------------------- inference checkpoints
-def save_inference(directory: str | epath.Path, model_config: dict, params: Any, extra: dict | None = None) -> None:
-    """Write EMA `params` (a nested dict of arrays) and the JSON-able `model_config`."""
+def save_inference(directory: str | epath.Path, model_config: dict, params: Any, extra: dict | None = None,
+                   family: str = families.DEFAULT) -> None:
+    """Write EMA `params` (a nested dict of arrays), the JSON-able `model_config` and its family."""
     directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(np.asarray, jax.device_get(params))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "params", params, force=True)
         ckptr.wait_until_finished()
-    meta = {"format": INFERENCE_FORMAT, "model": model_config, **(extra or {})}
+    meta = {"format": INFERENCE_FORMAT, "family": families.get(family).name, "model": model_config, **(extra or {})}
     (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
@@ -95,8 +97,10 @@ def load_inference(directory: str | epath.Path) -> tuple[dict, Any, dict]:
 
 
 def load_model(directory: str | epath.Path):
-    """(DiTConfig, apply(params, x, t, y), params, metadata) from an inference checkpoint."""
+    """(model config, apply(params, x, t, cond), params, metadata) from an inference checkpoint
+    of any family (DiTConfig and labels, T2IConfig and a text dict)."""
     model_cfg, params, meta = load_inference(directory)
-    mcfg = dit.DiTConfig.from_dict(model_cfg)
-    apply, params = dit.from_params(mcfg, params)
+    family = families.get(meta.get("family", families.DEFAULT))
+    mcfg = family.config.from_dict(model_cfg)
+    apply, params = family.from_params(mcfg, params)
     return mcfg, apply, params, meta

@@ -23,13 +23,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from patch_forcing import checkpoint as ckpt_lib
+from patch_forcing import conditioning as cond_lib
 from patch_forcing import config_lib, pictures, sharding
 from patch_forcing.data import pipeline
 from patch_forcing.evaluation import fid
 from patch_forcing.flow import interpolant, samplers
 from patch_forcing.flow import loss as loss_lib
 from patch_forcing.metric_writer import MetricWriter
-from patch_forcing.models import dit, vae
+from patch_forcing.models import decoders
 
 
 # ----------------------------------------------------------------------------- model and optimizer
@@ -65,15 +66,15 @@ def param_shardings(abstract_params, mesh, fsdp: bool):
 # ----------------------------------------------------------------------------- state
 def init_state(config, mesh):
     """A sharded train state, the graphdef, the fixed rest, and the state's shardings."""
-    mcfg = config_lib.model_config(config)
+    mcfg, family = config_lib.model_config(config), config_lib.model_family(config)
     tx, _ = make_optimizer(config.optim)
     key = jax.random.key(config.seed)
-    graphdef, abstract_params, _ = nnx.eval_shape(lambda: dit.init(mcfg, key))
+    graphdef, abstract_params, _ = nnx.eval_shape(lambda: family.init(mcfg, key))
     shard = param_shardings(abstract_params, mesh, fsdp=mesh.shape[sharding.FSDP] > 1)
     replicated = NamedSharding(mesh, P())
 
     def init(key):
-        _, params, rest = dit.init(mcfg, key)
+        _, params, rest = family.init(mcfg, key)
         params = jax.lax.with_sharding_constraint(params, shard)
         state = {
             "step": jnp.zeros((), jnp.int32),
@@ -95,18 +96,20 @@ def init_state(config, mesh):
 
 
 # ----------------------------------------------------------------------------- update step
-def make_train_step(config, graphdef, rest):
-    """step(state, batch) -> (state, metrics), pure; jit it with the state's shardings."""
+def make_train_step(config, graphdef, rest, cond: cond_lib.Conditioning | None = None):
+    """step(state, batch) -> (state, metrics), pure; jit it with the state's shardings. `cond`
+    (default: config_lib.conditioning(config)) reads the batch's labels or text."""
     mcfg = config_lib.model_config(config)
+    cond = cond or config_lib.conditioning(config)
     tx, schedule = make_optimizer(config.optim)
     sample_t = config_lib.timestep_sampler(config)
-    apply = dit.make_apply(graphdef, rest)
-    p, n, null = mcfg.patch_size, mcfg.num_patches, mcfg.num_classes
-    nll_weight, dropout, decay = config.loss.nll_weight, config.loss.label_dropout, config.ema.decay
+    apply = config_lib.model_family(config).make_apply(graphdef, rest)
+    p, n = mcfg.patch_size, mcfg.num_patches
+    nll_weight, decay = config.loss.nll_weight, config.ema.decay
 
     def step(state, batch):
         x1 = batch["image"].astype(jnp.float32)
-        y = batch["label"].astype(jnp.int32)
+        y = cond.from_batch(batch)
         b = x1.shape[0]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         k_t, k_noise, k_drop = jax.random.split(rng, 3)
@@ -116,7 +119,7 @@ def make_train_step(config, graphdef, rest):
         x0 = jax.random.normal(k_noise, x1.shape, jnp.float32)
         xt = interpolant.interpolate(x0, x1, t, p)
         u = interpolant.target(x0, x1)
-        y = jnp.where(jax.random.uniform(k_drop, (b,)) < dropout, null, y)  # CFG label dropout
+        y = cond_lib.drop(k_drop, y, cond.null, cond.dropout)  # CFG label / caption dropout
 
         def loss_fn(params):
             v, s = apply(params, xt, t, y)
@@ -133,11 +136,11 @@ def make_train_step(config, graphdef, rest):
     return step
 
 
-def jit_train_step(config, graphdef, rest, shardings, mesh):
-    batch_shard = sharding.batch_sharding(mesh)
+def jit_train_step(config, graphdef, rest, shardings, mesh, cond: cond_lib.Conditioning | None = None):
+    batch_shard = sharding.batch_sharding(mesh)  # every batch field splits its leading axis
     return jax.jit(
-        make_train_step(config, graphdef, rest),
-        in_shardings=(shardings, {"image": batch_shard, "label": batch_shard}),
+        make_train_step(config, graphdef, rest, cond),
+        in_shardings=(shardings, batch_shard),
         out_shardings=(shardings, NamedSharding(mesh, P())),
         donate_argnums=0,
     )
@@ -158,13 +161,15 @@ class Evaluator:
     """What the loop does every few steps on the EMA params, with data and noise fixed at setup:
     the 8-segment validation loss, sample grids with difficulty maps, and the optional FID."""
 
-    def __init__(self, config, workdir, graphdef, rest, mesh):
+    def __init__(self, config, workdir, graphdef, rest, mesh, cond: cond_lib.Conditioning | None = None):
         self.config, self.workdir = config, epath.Path(workdir)
         self.mcfg = mcfg = config_lib.model_config(config)
-        apply = dit.make_apply(graphdef, rest)
-        self.val_fn = jax.jit(lambda params, x1, x0, y: loss_lib.validation_loss(
-            functools.partial(apply, params), x1, x0, y, mcfg.patch_size, per_patch=mcfg.per_patch))
-        scfg = config_lib.sampler_config(config, mcfg)
+        self.cond = cond = cond or config_lib.conditioning(config)
+        apply = config_lib.model_family(config).make_apply(graphdef, rest)
+        self.val_fn = jax.jit(lambda params, x1, x0, batch: loss_lib.validation_loss(
+            functools.partial(apply, params), x1, x0, cond.from_batch(batch), mcfg.patch_size,
+            per_patch=mcfg.per_patch))
+        scfg = config_lib.sampler_config(config, mcfg, cond)
         self.sampler_name = samplers.sampler_name(scfg)
         self.sample_fn = samplers.make_sample_fn(apply, scfg, return_trajectory=True)
         self.key = jax.random.key(config.seed + 1)
@@ -172,7 +177,7 @@ class Evaluator:
             config.data, config.data.split_eval, num_examples=config.log.num_eval_examples))
         ns, (h, w) = config.log.num_samples, mcfg.image_size
         self.noise = jax.random.normal(jax.random.fold_in(self.key, 0), (ns, h, w, mcfg.in_channels))
-        self.labels = jnp.arange(ns, dtype=jnp.int32) % mcfg.num_classes
+        self.labels = cond_lib.grid_conditioning(cond, ns, getattr(mcfg, "num_classes", 0), self.val_batches)
         self.decode = _sample_decoder(config, mcfg)
         self.fid_hook = None
         if config.eval.fid_every_steps > 0:  # the --mode=evaluate measurement, next to val loss
@@ -183,7 +188,7 @@ class Evaluator:
         for i, vb in enumerate(self.val_batches):
             x1 = jnp.asarray(vb["image"])
             x0 = jax.random.normal(jax.random.fold_in(self.key, 1000 + i), x1.shape)
-            _, seg = self.val_fn(ema, x1, x0, jnp.asarray(vb["label"]))
+            _, seg = self.val_fn(ema, x1, x0, {k: v for k, v in vb.items() if k != "image"})
             seg_sum, count = seg_sum + np.asarray(seg) * len(x1), count + len(x1)
         seg = seg_sum / count
         return {"val_loss": float(seg.mean()), **{f"val_loss/t{k}": float(v) for k, v in enumerate(seg)}}
@@ -212,7 +217,7 @@ def _sample_decoder(config, mcfg):
         return lambda x: x
     try:
         if config.sample.vae:
-            return vae.make_decoder(config.sample.vae)
+            return decoders.make_decoder(config.sample.vae)
     except (OSError, ValueError) as e:  # offline hub, missing file
         logging.warning("sample grids show raw latents: the VAE did not load (%s)", e)
     return lambda x: x[..., :3]
@@ -298,8 +303,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     manager = ckpt_lib.make_manager(workdir / "checkpoints", every_steps=c.every_steps, keep=c.keep,
                                     async_save=c.async_save)
     state, start = _restore(manager, state, train_iter)
-    train_step = jit_train_step(config, graphdef, rest, shardings, mesh)
-    evaluator = Evaluator(config, workdir, graphdef, rest, mesh)
+    cond = config_lib.conditioning(config)
+    train_step = jit_train_step(config, graphdef, rest, shardings, mesh, cond)
+    evaluator = Evaluator(config, workdir, graphdef, rest, mesh, cond)
     finite, progress, last, t_log = _FiniteCheck(manager, workdir), _Progress(config, workdir, start), {}, time.time()
     with jax.set_mesh(mesh):
         for step in range(start + 1, config.train.num_steps + 1):
@@ -323,6 +329,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     manager.wait_until_finished()
     if sharding.is_chief():
         ckpt_lib.save_inference(workdir / "inference", evaluator.mcfg.to_dict(), nnx.to_pure_dict(state["ema"]),
-                                extra={"step": int(state["step"]), "sampler": dict(config.sampler)})
+                                extra={"step": int(state["step"]), "sampler": dict(config.sampler),
+                                       "conditioning": cond.meta},
+                                family=config_lib.model_family(config).name)
     writer.close()
     return last

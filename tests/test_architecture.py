@@ -23,8 +23,10 @@ ALLOWED = {
     "patch_forcing.models": {"patch_forcing.presets", "patch_forcing.sharding", "patch_forcing.flow.interpolant"},
     "patch_forcing.data": set(),
     "patch_forcing.checkpoint": {"patch_forcing.models"},
-    "patch_forcing.config_lib": {"patch_forcing.data", "patch_forcing.flow", "patch_forcing.models"},
-    "patch_forcing.evaluation": {"patch_forcing.checkpoint", "patch_forcing.config_lib", "patch_forcing.data",
+    "patch_forcing.conditioning": {"patch_forcing.models"},
+    "patch_forcing.config_lib": {"patch_forcing.conditioning", "patch_forcing.data", "patch_forcing.flow",
+                                 "patch_forcing.models"},
+    "patch_forcing.evaluation": {"patch_forcing.checkpoint", "patch_forcing.conditioning", "patch_forcing.config_lib", "patch_forcing.data",
                                  "patch_forcing.flow", "patch_forcing.models", "patch_forcing.pictures",
                                  "patch_forcing.sharding"},
 }

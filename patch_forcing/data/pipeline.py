@@ -1,9 +1,12 @@
 """Input pipeline on grain: random-access sources, the training iterator, eval batches.
 
 Batches are dicts of numpy arrays: `image` float32 (B_local, H, W, C) NHWC, in [-1, 1] for pixel
-data (latents as stored, already scaled), and `label` int32 (B_local,). Sources (`data.name`):
-'digits' (sklearn's bundled 8x8 digits), 'mnist' (IDX files or tfds), 'tfds', 'latents'
-(`data.latents.LatentSource`; a stored flip pair is the hflip augmentation) and 'arrays' (.npz).
+data (latents as stored, already scaled), `label` int32 (B_local,) where the data has classes, and
+any other field of the records as is (the conditioning: captioned digits' `tokens`/`token_mask`,
+pre-extracted `text`/`text_mask`). Sources (`data.name`): 'digits' (sklearn's bundled 8x8
+digits), 'mnist' (IDX files or tfds), 'tfds', 'latents' (`data.latents.LatentSource`; a stored flip
+pair is the hflip augmentation; with `data.text_dir` joined with pre-extracted text embeddings,
+`data.text_embeddings`), 'arrays' (.npz) and 'captioned_digits' (`data.captioned`).
 Splits are tfds-style strings: 'test', 'test[:8000]', 'train[10%:]', 'test[-2000:]'.
 
 What a reader must know: the training stream is shuffle(seed) -> repeat -> per-example randomness
@@ -25,7 +28,7 @@ import numpy as np
 from absl import flags
 from sklearn.datasets import load_digits
 
-from patch_forcing.data import latents
+from patch_forcing.data import captioned, latents, text_embeddings
 
 __all__ = [
     "NAMES",
@@ -39,7 +42,7 @@ __all__ = [
     "make_eval_batches",
 ]
 
-NAMES = ("digits", "mnist", "tfds", "latents", "arrays")
+NAMES = ("digits", "mnist", "tfds", "latents", "arrays", "captioned_digits")
 MNIST_SOURCES = ("auto", "tfds", "idx")
 DIGITS_TRAIN = 1500  # digits 'train' = first 1500 images, 'test' = the remaining 297
 _REQUIRED = object()
@@ -97,6 +100,9 @@ def check_config(data_cfg, process_count: int = 1) -> None:
         raise ValueError(f"data.pad={pad!r} must be an int >= 0")
     if name == "latents" and pad:
         raise ValueError(f"data.pad={pad!r} must be 0 for data.name='latents'")
+    text_dir = _get(data_cfg, "text_dir", "")
+    if text_dir and (not isinstance(text_dir, str) or name != "latents"):
+        raise ValueError(f"data.text_dir={text_dir!r} must be a text-embedding directory, for data.name='latents'")
     hflip = _get(data_cfg, "hflip", False)
     if not isinstance(hflip, (bool, np.bool_)):
         raise ValueError(f"data.hflip={hflip!r} must be True or False")
@@ -187,7 +193,7 @@ class ArraySource:
 
 
 class _View:
-    """Contiguous sub-range of another source, records renamed to {'image', 'label'}."""
+    """Contiguous sub-range of another source, its `key` field renamed to 'image'."""
 
     def __init__(self, source, rng: slice, key: str = "image"):
         self.source, self.start, self.key = source, rng.start, key
@@ -197,8 +203,8 @@ class _View:
         return self.length
 
     def __getitem__(self, i):
-        record = self.source[self.start + int(i)]
-        return {"image": record[self.key], "label": record["label"]}
+        record = dict(self.source[self.start + int(i)])
+        return {"image": record.pop(self.key), **record}
 
     def __repr__(self) -> str:
         return f"_View({self.source!r}, start={self.start}, length={self.length})"
@@ -286,10 +292,17 @@ def _arrays_source(cfg, split: str) -> _Raw:
     return _Raw(ArraySource(images[s], labels[s]), images.shape[1:], pixel_max, n_cls, "arrays")
 
 
+def _split_dir(directory: str, base: str) -> str:
+    sub = os.path.join(directory, base) if base else directory
+    return sub if os.path.isdir(sub) else directory
+
+
 def _latent_source(cfg, split: str) -> _Raw:
     data_dir, base = _get(cfg, "data_dir"), parse_split(split)[0]
-    sub = os.path.join(data_dir, base) if base else data_dir
-    src = latents.LatentSource(sub if os.path.isdir(sub) else data_dir)
+    src = latents.LatentSource(_split_dir(data_dir, base))
+    text_dir = _get(cfg, "text_dir", "")
+    if text_dir:
+        src = text_embeddings.WithText(src, text_embeddings.TextSource(_split_dir(text_dir, base)))
     meta = getattr(src, "metadata", {})
     moments = meta.get("mode") == "moments"
     h, w, c = tuple(np.shape(src[0]["latent"]))[-3:]
@@ -316,6 +329,12 @@ def _raw_source(cfg, split: str) -> _Raw:
         return _tfds_source(_get(cfg, "tfds_name"), split, _get(cfg, "data_dir", ""))
     if name == "latents":
         return _latent_source(cfg, split)
+    if name == "captioned_digits":
+        base = parse_split(split)[0]
+        if base not in captioned.SPLITS:
+            raise ValueError(f"captioned_digits split {split!r}: base must be one of {list(captioned.SPLITS)}")
+        rows = _slice(split, captioned.SPLITS[base][1])
+        return _Raw(captioned.CaptionedDigits(base, rows), (*captioned.CANVAS, 3), 255.0, None, name)
     return _arrays_source(cfg, split)
 
 
@@ -353,7 +372,8 @@ def make_source(data_cfg, split: str):
 
 @dataclasses.dataclass(frozen=True)
 class _Preprocess:
-    """Record -> {'image': float32 (H, W, C), 'label': int32}; picklable for grain workers."""
+    """Record -> {'image': float32 (H, W, C), 'label': int32 (if any), other fields as arrays};
+    picklable for grain workers."""
 
     pixel_max: float | None
     pad: int
@@ -376,7 +396,11 @@ class _Preprocess:
             x = x[:, ::-1]
         if self.pad:
             x = np.pad(x, ((self.pad, self.pad), (self.pad, self.pad), (0, 0)), constant_values=-1.0)
-        return {"image": np.ascontiguousarray(x), "label": np.int32(record["label"])}
+        out = {"image": np.ascontiguousarray(x)}
+        out.update({k: np.asarray(v) for k, v in record.items() if k not in ("image", "label")})
+        if "label" in record:
+            out["label"] = np.int32(record["label"])
+        return out
 
 
 def make_train_iterator(data_cfg, seed: int, process_index: int = 0, process_count: int = 1):
