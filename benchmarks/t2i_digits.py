@@ -93,7 +93,8 @@ def main():
     fnet = pa.region_classifier(args.classifier)
     ref = pa.reference_stats(fnet)
     pf, base = load(args.pf, "digits"), load(args.baseline, "digits,global")
-    la_steps = max(s for s in range(1, args.steps + 1) if samplers.expected_nfe(dict(name="look_ahead", steps=s)) <= args.steps)
+    la_steps = max(s for s in range(1, args.steps + 1)
+                   if samplers.expected_nfe(dict(name="look_ahead", steps=s)) <= args.steps)
     rows = {  # name -> (model, sampler overrides)
         f"PF (LTG), euler_pf {args.steps} steps": (pf, dict(name="euler_pf", steps=args.steps, cfg_scale=args.cfg)),
         f"PF (LTG), look_ahead {la_steps} steps": (pf, dict(name="look_ahead", steps=la_steps, cfg_scale=args.cfg)),

@@ -6,10 +6,10 @@ abstract target) and `data` (the grain iterator's position). Saves are asynchron
 lists a step once it is complete, so resuming from `latest_step()` never sees a half-written one.
 
 An inference checkpoint (`<dir>/config.json` + `<dir>/params/`) holds the EMA parameters, the
-model config and its family ('dit' or 't2i', `models.families`; 'dit' when absent; text models also
-record their conditioning): all that sampling needs, without optimizer state. The converter of the authors'
-PyTorch checkpoints writes the same format. Paths may be local or anything etils/orbax accept
-(e.g. gs://).
+model config and its family ('dit' or 't2i', `models.families`; 'dit' when absent), and what it
+was conditioned on: all that sampling needs, without optimizer state. The converter of the
+authors' PyTorch checkpoints writes the same format. Paths may be local or anything etils/orbax
+accept (e.g. gs://).
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def save_inference(directory: str | epath.Path, model_config: dict, params: Any,
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "params", params, force=True)
         ckptr.wait_until_finished()
-    meta = {"format": INFERENCE_FORMAT, "family": families.get(family).name, "model": model_config, **(extra or {})}
+    meta = {"format": INFERENCE_FORMAT, "family": families.get(family).name, "model": model_config,
+            **(extra or {})}
     (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 

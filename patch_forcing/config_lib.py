@@ -1,6 +1,6 @@
 """A config read into the objects it describes (model config of its family, timestep sampler,
-SamplerConfig, Conditioning) and checked: `validate(config, mode)` runs before anything is compiled or read, and a bad field fails
-with one line naming the field and the allowed values. Config files themselves import only
+SamplerConfig, Conditioning) and checked: `validate(config, mode)` runs before anything is
+compiled or read, and a bad field fails with one line naming the field and the allowed values. Config files themselves import only
 `patch_forcing.presets`.
 """
 
@@ -140,18 +140,20 @@ def check_text(config, mcfg, mode: str) -> None:
     """The `text` block of a text-to-image config (configs/t2i.py); nothing is read here."""
     _require("text" in config, "a config with config.model.family='t2i' needs a config.text block (configs/t2i.py)")
     t = config.text
-    _require(isinstance(t.encoder, str) and bool(t.encoder), f"config.text.encoder={t.encoder!r} must be {TEXT_SPECS}")
-    _require(isinstance(t.tokenizer, str) and bool(t.tokenizer),
-             f"config.text.tokenizer={t.tokenizer!r} must be 'words' (captioned digits) or a folder with tokenizer.json")
+    _require(isinstance(t.encoder, str) and bool(t.encoder),
+             f"config.text.encoder={t.encoder!r} must be {TEXT_SPECS}")
+    _require(isinstance(t.tokenizer, str) and bool(t.tokenizer), f"config.text.tokenizer={t.tokenizer!r} must be "
+             "'words' (captioned digits) or a folder with tokenizer.json")
     _require(t.max_length >= 1, f"config.text.max_length must be >= 1, got {t.max_length}")
     _require(0 <= t.dropout < 1, f"config.text.dropout must be in [0, 1), got {t.dropout}")
-    _require(t.dtype in text_encoder.DTYPES, f"config.text.dtype={t.dtype!r} is not one of {list(text_encoder.DTYPES)}")
+    _require(t.dtype in text_encoder.DTYPES,
+             f"config.text.dtype={t.dtype!r} is not one of {list(text_encoder.DTYPES)}")
     if t.encoder == "random":
         _require(t.width == mcfg.txt_in_dim,
                  f"config.text.width={t.width} must equal config.model.txt_in_dim={mcfg.txt_in_dim}")
     if config.data.name == "captioned_digits":
-        _require(t.max_length >= captioned.MAX_TOKENS,
-                 f"config.text.max_length={t.max_length} must be >= {captioned.MAX_TOKENS} (captioned digits' tokens)")
+        _require(t.max_length >= captioned.MAX_TOKENS, f"config.text.max_length={t.max_length} must be >= "
+                 f"{captioned.MAX_TOKENS} (captioned digits' tokens)")
     _require(not (mode == "train" and "eval" in config and config.eval.fid_every_steps > 0),
              "config.eval.fid_every_steps must be 0 for text models (score them with "
              "patch_forcing.evaluation.prompt_accuracy)")

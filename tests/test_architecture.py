@@ -26,9 +26,9 @@ ALLOWED = {
     "patch_forcing.conditioning": {"patch_forcing.models"},
     "patch_forcing.config_lib": {"patch_forcing.conditioning", "patch_forcing.data", "patch_forcing.flow",
                                  "patch_forcing.models"},
-    "patch_forcing.evaluation": {"patch_forcing.checkpoint", "patch_forcing.conditioning", "patch_forcing.config_lib",
-                                 "patch_forcing.data", "patch_forcing.flow", "patch_forcing.models", "patch_forcing.pictures",
-                                 "patch_forcing.sharding"},
+    "patch_forcing.evaluation": {"patch_forcing.checkpoint", "patch_forcing.conditioning",
+                                 "patch_forcing.config_lib", "patch_forcing.data", "patch_forcing.flow",
+                                 "patch_forcing.models", "patch_forcing.pictures", "patch_forcing.sharding"},
 }
 NEVER_IMPORTED = ("patch_forcing.main", "patch_forcing.tools")  # entry points: nothing below imports them
 

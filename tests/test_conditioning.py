@@ -41,7 +41,8 @@ def test_caption_dropout_swaps_the_whole_text_for_the_null():
 def _as_text(labels):
     """Labels as text: one-hot rows (L = 2, the second a distractor that the model ignores)."""
     onehot = jax.nn.one_hot(labels, T.NUM_CLASSES + 1)
-    return {"text": jnp.stack([onehot, jnp.ones_like(onehot)], axis=-2), "text_mask": jnp.ones(labels.shape + (2,), bool)}
+    return {"text": jnp.stack([onehot, jnp.ones_like(onehot)], axis=-2),
+            "text_mask": jnp.ones(labels.shape + (2,), bool)}
 
 
 def _text_model(x, t, cond):
@@ -99,7 +100,8 @@ def test_token_and_embedding_batches_give_the_same_conditioning():
     src = captioned.CaptionedDigits("test")
     batch = {k: np.stack([src[i][k] for i in range(4)]) for k in ("tokens", "token_mask")}
     from_tokens = cond.from_batch(batch)
-    from_text = cond.from_batch({"text": np.asarray(from_tokens["text"])[:, :10], "text_mask": batch["token_mask"][:, :10]})
+    from_text = cond.from_batch({"text": np.asarray(from_tokens["text"])[:, :10],
+                                 "text_mask": batch["token_mask"][:, :10]})
     np.testing.assert_array_equal(from_text["text_mask"], from_tokens["text_mask"])
     real = np.asarray(from_tokens["text_mask"])
     np.testing.assert_array_equal(np.asarray(from_text["text"])[real], np.asarray(from_tokens["text"])[real])
@@ -121,3 +123,36 @@ def test_inference_checkpoints_record_their_family(tmp_path):
     meta_file.write_text(meta_file.read_text().replace('"family": "dit",', ""))  # written before families
     got_cfg, _, _, meta = checkpoint.load_model(tmp_path / "dit")
     assert got_cfg == dcfg and "family" not in meta
+
+
+def test_t2i_configs_validate_and_the_paper_model_builds_abstractly():
+    for arg in ("digits", "digits,global", "digits,smoke", "pft_1p2b"):
+        config_lib.validate(t2i_configs.get_config(arg), "train")
+    c = t2i_configs.get_config("pft_1p2b")
+    mcfg = config_lib.model_config(c)
+    _, params, _ = nnx.eval_shape(lambda: config_lib.model_family(c).init(mcfg, jax.random.key(0)))
+    # 1,239,969,176 at in_dim 4 (the reference module), + 28 * 4 * 1536 * 2 for FLUX.2's 32 channels
+    assert sum(x.size for x in jax.tree.leaves(params)) == 1_239_969_176 + 2 * 28 * 4 * 1536
+    assert (mcfg.in_dim, mcfg.dtype, c.text.max_length, c.text.width, c.text.use_mask) == \
+        (32, "bfloat16", 256, 2048, False)
+    assert (c.flow.timesteps, c.flow.ltg.std, c.flow.ltg.loc, c.flow.ltg.scale) == ("ltg", 0.6, 0.5, 1.0)
+    recipe = (c.optim.lr, c.optim.warmup_steps, c.ema.decay, c.text.dropout, c.loss.nll_weight)
+    assert recipe == (1e-4, 1000, 0.9999, 0.1, 0.01)
+    scfg = config_lib.sampler_config(c, mcfg)  # checked; the null text comes with the encoder
+    assert scfg.cfg_scale == 5.0 and scfg.null is None and scfg.null_class is None
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("text.width", 16, "config.text.width=16 must equal config.model.txt_in_dim=32"),
+    ("text.max_length", 8, "config.text.max_length=8 must be >= 12"),
+    ("text.dropout", 1.0, "config.text.dropout must be in [0, 1)"),
+    ("eval.fid_every_steps", 100, "config.eval.fid_every_steps must be 0 for text models"),
+    ("model.family", "unet", "config.model.family='unet' is not one of"),
+])
+def test_bad_t2i_config_names_the_field(key, value, needle):
+    c = t2i_configs.get_config("digits")
+    section, field = key.split(".")
+    c[section][field] = value
+    with pytest.raises(ValueError) as err:
+        config_lib.validate(c, "train")
+    assert needle in str(err.value) and "\n" not in str(err.value)

@@ -70,9 +70,11 @@ def classify(fnet: features.FeatureNetwork, images: np.ndarray, batch: int = 102
 
 
 def scores(read: np.ndarray, attrs: np.ndarray) -> dict[str, float]:
-    """Read-back attrs vs the prompts' (N, 2, 3): prompt accuracy (all six right) and per attribute."""
+    """Read-back attrs vs the prompts' (N, 2, 3): prompt accuracy (all six right), layout accuracy
+    (both colours and sizes right, in order: digits aside) and per attribute."""
     hit = read == attrs  # (N, 2, 3)
-    out = {"prompt_accuracy": float(hit.all(axis=(1, 2)).mean()), "region_accuracy": float(hit.all(-1).mean())}
+    out = {"prompt_accuracy": float(hit.all(axis=(1, 2)).mean()), "region_accuracy": float(hit.all(-1).mean()),
+           "layout_accuracy": float(hit[..., 1:].all(axis=(1, 2)).mean())}
     out.update({f"{a}_accuracy": float(hit[..., i].mean()) for i, a in enumerate(ATTRIBUTES)})
     return out
 

@@ -46,7 +46,8 @@ def read_captions(path: str, key: str = "caption") -> list[str]:
         try:
             return [json.loads(ln)[key] for ln in lines if ln.strip()]
         except (KeyError, json.JSONDecodeError) as e:
-            raise ValueError(f"--captions={path!r}: every line must be a JSON object with field {key!r} ({e})") from None
+            raise ValueError(f"--captions={path!r}: every line must be a JSON object with field {key!r} "
+                             f"({e})") from None
     return lines
 
 
