@@ -118,19 +118,24 @@ def flat_shapes(tree: dict, prefix: str = "") -> dict[str, tuple]:
 
 def load_params(model: nnx.Module, params: dict, what=nnx.Param) -> nnx.Module:
     """Write a pure nested dict of arrays (as `nnx.to_pure_dict(nnx.state(model, what))`, indices
-    int or str) into the model in place, keeping each variable's dtype and placement (e.g. FSDP
-    shards of a model built under a mesh); one-line ValueError naming the first misfit."""
+    int or str; `what=...` for every variable) into the model in place, keeping each variable's
+    dtype and placement (e.g. FSDP shards). The model may be abstract (`nnx.eval_shape`): then no
+    random init is materialised and, under `jax.set_mesh`, arrays are placed by their logical
+    annotations. One-line ValueError naming the first misfit."""
     state = nnx.state(model, what)
     want, got = flat_shapes(nnx.to_pure_dict(state)), flat_shapes(params)
     if want != got:
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         bad = [k for k in want if k in got and want[k] != got[k]][:1]
         detail = f"; {bad[0]}: {got[bad[0]]} != {want[bad[0]]}" if bad else ""
-        raise ValueError(f"params do not fit the model: missing {missing}, unexpected {extra}{detail}")
-    old = nnx.to_pure_dict(state)
-    nnx.replace_by_pure_dict(state, params)
-    placed = jax.tree.map(lambda new, prev: jax.device_put(jnp.asarray(new, prev.dtype), prev.sharding),
-                          nnx.to_pure_dict(state), old)
-    nnx.replace_by_pure_dict(state, placed)
+        raise ValueError(f"params do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}{detail}")
+
+    def place(new, prev):
+        sharding = prev.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh, jax.sharding.AbstractMesh):
+            sharding = sharding.spec  # an abstract model's: placed on the mesh of jax.set_mesh
+        return jax.device_put(jnp.asarray(new, prev.dtype), sharding)
+
+    nnx.replace_by_pure_dict(state, jax.tree.map(place, params, nnx.to_pure_dict(state)))
     nnx.update(model, state)
     return model

@@ -33,7 +33,8 @@ from flax import nnx
 from patch_forcing import presets
 from patch_forcing.flow.interpolant import patchify, unpatchify
 from patch_forcing.models import hdit_layers as L
-from patch_forcing.models.layers import FixedEmbedding, flat_shapes, load_params
+from patch_forcing.models import layers
+from patch_forcing.models.layers import FixedEmbedding
 
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
@@ -260,26 +261,8 @@ def param_count(cfg: T2IConfig, variables=nnx.Param) -> int:
 
 def load_state(model: T2ITransformer, state: dict) -> T2ITransformer:
     """Write a pure nested dict of every variable (nnx.to_pure_dict(nnx.state(model)), e.g. the
-    converter's output) into the model in place, keeping dtypes and shardings. The model may be
-    abstract (nnx.eval_shape(lambda: T2ITransformer(cfg))): then no random init is materialised,
-    and under jax.set_mesh the arrays are placed by their logical annotations."""
-    current = nnx.state(model)
-    want, got = flat_shapes(nnx.to_pure_dict(current)), flat_shapes(state)
-    if want != got:
-        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        bad = [k for k in want if k in got and want[k] != got[k]][:1]
-        detail = f"; {bad[0]}: {got[bad[0]]} != {want[bad[0]]}" if bad else ""
-        raise ValueError(f"state does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}{detail}")
-
-    def place(new, prev):
-        sharding = prev.sharding
-        if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh, jax.sharding.AbstractMesh):
-            sharding = sharding.spec  # an abstract model's: placed on the mesh of jax.set_mesh
-        return jax.device_put(jnp.asarray(new, prev.dtype), sharding)
-
-    nnx.replace_by_pure_dict(current, jax.tree.map(place, state, nnx.to_pure_dict(current)))
-    nnx.update(model, current)
-    return model
+    converter's output) into the (possibly abstract) model in place; see layers.load_params."""
+    return layers.load_params(model, state, what=...)
 
 
 # ----------------------------------------------------------------------------- pure apply
@@ -303,7 +286,7 @@ def init(cfg: T2IConfig, key):
 
 def from_params(cfg: T2IConfig, params: dict):
     """(apply, params as nnx.State) for a pure nested dict of nnx.Param values (inference checkpoints)."""
-    model = load_params(T2ITransformer(cfg, rngs=nnx.Rngs(0)), params)
+    model = layers.load_params(T2ITransformer(cfg, rngs=nnx.Rngs(0)), params)
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     return make_apply(graphdef, rest), state
 
