@@ -136,6 +136,15 @@ def load_params(model: nnx.Module, params: dict, what=nnx.Param) -> nnx.Module:
             sharding = sharding.spec  # an abstract model's: placed on the mesh of jax.set_mesh
         return jax.device_put(jnp.asarray(new, prev.dtype), sharding)
 
-    nnx.replace_by_pure_dict(state, jax.tree.map(place, params, nnx.to_pure_dict(state)))
+    current = nnx.to_pure_dict(state)
+    nnx.replace_by_pure_dict(state, jax.tree.map(place, _keys_like(params, current), current))
     nnx.update(model, state)
     return model
+
+
+def _keys_like(tree, ref):
+    """`tree` with its dict keys spelled as in `ref` (orbax restores list indices as strings)."""
+    if not isinstance(tree, dict):
+        return tree
+    spelled = {str(k): k for k in ref}
+    return {spelled.get(str(k), k): _keys_like(v, ref.get(spelled.get(str(k), k))) for k, v in tree.items()}
