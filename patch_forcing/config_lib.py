@@ -7,6 +7,7 @@ compiled or read, and a bad field fails with one line naming the field and the a
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 from etils import epath
@@ -167,13 +168,18 @@ def conditioning(config) -> cond_lib.Conditioning:
     if model_family(config).conditioning == "label":
         return cond_lib.labels(model_config(config).num_classes, config.loss.label_dropout)
     t = config.text
-    tok = captioned.WordTokenizer() if t.tokenizer == "words" else text_encoder.load_tokenizer(t.tokenizer)
-    if t.encoder == "random":
-        vocab = len(tok.vocab) if t.tokenizer == "words" else tok.get_vocab_size()
-        enc = text_encoder.random_text_encoder(text_encoder.tiny_config(
-            vocab_size=vocab, hidden_size=t.width, num_layers=t.layers, dtype=t.dtype), seed=t.seed)
-    else:
-        enc = text_encoder.load_text_encoder(t.encoder, dtype=t.dtype)
+    enc, tok = _text_encoder(t.encoder, t.tokenizer, t.dtype, t.width, t.layers, t.seed)
     text_dir = str(config.data.get("text_dir", "") or "")
     null = text_embeddings.read_null(text_dir) if text_dir else None
     return cond_lib.text(enc, tok, t.max_length, t.use_mask, t.dropout, null=null, meta=t.to_dict())
+
+
+@functools.lru_cache(maxsize=2)
+def _text_encoder(encoder: str, tokenizer: str, dtype: str, width: int, layers: int, seed: int):
+    """(TextEncoder, tokenizer), loaded once per process (the train step and the evaluator share it)."""
+    tok = captioned.WordTokenizer() if tokenizer == "words" else text_encoder.load_tokenizer(tokenizer)
+    if encoder != "random":
+        return text_encoder.load_text_encoder(encoder, dtype=dtype), tok
+    vocab = len(tok.vocab) if tokenizer == "words" else tok.get_vocab_size()
+    cfg = text_encoder.tiny_config(vocab_size=vocab, hidden_size=width, num_layers=layers, dtype=dtype)
+    return text_encoder.random_text_encoder(cfg, seed=seed), tok

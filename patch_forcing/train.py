@@ -96,11 +96,11 @@ def init_state(config, mesh):
 
 
 # ----------------------------------------------------------------------------- update step
-def make_train_step(config, graphdef, rest, cond: cond_lib.Conditioning | None = None):
-    """step(state, batch) -> (state, metrics), pure; jit it with the state's shardings. `cond`
-    (default: config_lib.conditioning(config)) reads the batch's labels or text."""
+def make_train_step(config, graphdef, rest):
+    """step(state, batch) -> (state, metrics), pure; jit it with the state's shardings. The
+    conditioning (config_lib.conditioning) reads the batch's labels or text."""
     mcfg = config_lib.model_config(config)
-    cond = cond or config_lib.conditioning(config)
+    cond = config_lib.conditioning(config)
     tx, schedule = make_optimizer(config.optim)
     sample_t = config_lib.timestep_sampler(config)
     apply = config_lib.model_family(config).make_apply(graphdef, rest)
@@ -136,10 +136,10 @@ def make_train_step(config, graphdef, rest, cond: cond_lib.Conditioning | None =
     return step
 
 
-def jit_train_step(config, graphdef, rest, shardings, mesh, cond: cond_lib.Conditioning | None = None):
+def jit_train_step(config, graphdef, rest, shardings, mesh):
     batch_shard = sharding.batch_sharding(mesh)  # every batch field splits its leading axis
     return jax.jit(
-        make_train_step(config, graphdef, rest, cond),
+        make_train_step(config, graphdef, rest),
         in_shardings=(shardings, batch_shard),
         out_shardings=(shardings, NamedSharding(mesh, P())),
         donate_argnums=0,
@@ -161,10 +161,10 @@ class Evaluator:
     """What the loop does every few steps on the EMA params, with data and noise fixed at setup:
     the 8-segment validation loss, sample grids with difficulty maps, and the optional FID."""
 
-    def __init__(self, config, workdir, graphdef, rest, mesh, cond: cond_lib.Conditioning | None = None):
+    def __init__(self, config, workdir, graphdef, rest, mesh):
         self.config, self.workdir = config, epath.Path(workdir)
         self.mcfg = mcfg = config_lib.model_config(config)
-        self.cond = cond = cond or config_lib.conditioning(config)
+        self.cond = cond = config_lib.conditioning(config)
         apply = config_lib.model_family(config).make_apply(graphdef, rest)
         self.val_fn = jax.jit(lambda params, x1, x0, batch: loss_lib.validation_loss(
             functools.partial(apply, params), x1, x0, cond.from_batch(batch), mcfg.patch_size,
@@ -303,9 +303,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     manager = ckpt_lib.make_manager(workdir / "checkpoints", every_steps=c.every_steps, keep=c.keep,
                                     async_save=c.async_save)
     state, start = _restore(manager, state, train_iter)
-    cond = config_lib.conditioning(config)
-    train_step = jit_train_step(config, graphdef, rest, shardings, mesh, cond)
-    evaluator = Evaluator(config, workdir, graphdef, rest, mesh, cond)
+    train_step = jit_train_step(config, graphdef, rest, shardings, mesh)
+    evaluator = Evaluator(config, workdir, graphdef, rest, mesh)
     finite, progress, last, t_log = _FiniteCheck(manager, workdir), _Progress(config, workdir, start), {}, time.time()
     with jax.set_mesh(mesh):
         for step in range(start + 1, config.train.num_steps + 1):
@@ -330,7 +329,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if sharding.is_chief():
         ckpt_lib.save_inference(workdir / "inference", evaluator.mcfg.to_dict(), nnx.to_pure_dict(state["ema"]),
                                 extra={"step": int(state["step"]), "sampler": dict(config.sampler),
-                                       "conditioning": cond.meta},
+                                       "conditioning": evaluator.cond.meta},
                                 family=config_lib.model_family(config).name)
     writer.close()
     return last
