@@ -10,10 +10,11 @@ both cases `commit_success.txt` is the last file it writes, so a step without it
 the values, moves a damaged step aside to `<step>.corrupt` (never deletes it) and falls back to
 the previous one.
 
-An inference checkpoint (`<dir>/config.json` + `<dir>/params/`) holds the EMA parameters and the
-model config: all that sampling needs, without optimizer state. The converter of the authors'
-PyTorch checkpoints writes the same format. Paths may be local or anything etils/orbax accept
-(e.g. gs://).
+An inference checkpoint (`<dir>/config.json` + `<dir>/params/`) holds the EMA parameters, the
+model config and its family ('dit' or 't2i', `models.families`; 'dit' when absent), and what it
+was conditioned on: all that sampling needs, without optimizer state. The converter of the
+authors' PyTorch checkpoints writes the same format. Paths may be local or anything etils/orbax
+accept (e.g. gs://).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from patch_forcing import UserError, paths
-from patch_forcing.models import dit
+from patch_forcing.models import dit, families
 from patch_forcing.models.layers import flat_shapes
 
 INFERENCE_FORMAT = "patch_forcing.inference/1"
@@ -212,6 +213,17 @@ def _flat(tree) -> dict[str, tuple]:
     return out
 
 
+def _check_fits(mcfg: dit.DiTConfig, params, directory) -> None:
+    """A UserError naming the first parameter of `params` that does not fit `mcfg`."""
+    config_file = epath.Path(directory) / "config.json"
+    mismatch = _first_mismatch(_param_shapes(mcfg), flat_shapes(params), "in params/", "for config.json's model")
+    if mismatch is not None:
+        fit = _single_field_fit(mcfg, flat_shapes(params))
+        fit = f"; the params fit model.{fit}" if fit else ""
+        raise UserError(f"{epath.Path(directory) / 'params'} does not fit {config_file}: {mismatch}{fit}: were "
+                        "they saved with another model config?")
+
+
 def _param_shapes(cfg: dit.DiTConfig) -> dict[str, tuple]:
     model = nnx.eval_shape(lambda: dit.DiT(cfg, rngs=nnx.Rngs(0)))
     return flat_shapes(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
@@ -265,16 +277,18 @@ def _single_field_fit(cfg: dit.DiTConfig, got: dict, budget: int = 40) -> str | 
 
 
 # --------------------------------------------------------------------------- inference checkpoints
-def save_inference(directory: str | epath.Path, model_config: dict, params: Any, extra: dict | None = None) -> None:
-    """Write EMA `params` (a nested dict of host arrays) and the JSON-able `model_config`. With
-    several processes every one calls it (orbax's save is collective); process 0 writes."""
+def save_inference(directory: str | epath.Path, model_config: dict, params: Any, extra: dict | None = None,
+                   family: str = families.DEFAULT) -> None:
+    """Write EMA `params` (a nested dict of host arrays), the JSON-able `model_config` and its
+    family. With several processes every one calls it (orbax's save is collective); process 0 writes."""
     directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(np.asarray, jax.device_get(params))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(epath.Path(paths.native(directory / "params")), params, force=True)
         ckptr.wait_until_finished()
-    meta = {"format": INFERENCE_FORMAT, "model": model_config, **(extra or {})}
+    meta = {"format": INFERENCE_FORMAT, "family": families.get(family).name, "model": model_config,
+            **(extra or {})}
     if jax.process_index() == 0:
         (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
@@ -316,19 +330,17 @@ def load_inference(directory: str | epath.Path) -> tuple[dict, Any, dict]:
 
 
 def load_model(directory: str | epath.Path):
-    """(DiTConfig, apply(params, x, t, y), params, metadata) from an inference checkpoint; a
-    UserError naming the first parameter that does not fit config.json's model."""
+    """(model config, apply(params, x, t, cond), params, metadata) from an inference checkpoint
+    of any family (DiTConfig and labels, T2IConfig and a text dict); a UserError naming the first
+    parameter that does not fit config.json's model (DiT family)."""
     model_cfg, params, meta = load_inference(directory)
     config_file = epath.Path(directory) / "config.json"
+    family = families.get(meta.get("family", families.DEFAULT))
     try:
-        mcfg = dit.DiTConfig.from_dict(model_cfg)
+        mcfg = family.config.from_dict(model_cfg)
     except (TypeError, ValueError) as e:
         raise UserError(f"{config_file}: 'model' is not a valid model config ({e})") from e
-    mismatch = _first_mismatch(_param_shapes(mcfg), flat_shapes(params), "in params/", "for config.json's model")
-    if mismatch is not None:
-        fit = _single_field_fit(mcfg, flat_shapes(params))
-        fit = f"; the params fit model.{fit}" if fit else ""
-        raise UserError(f"{epath.Path(directory) / 'params'} does not fit {config_file}: {mismatch}{fit}: were "
-                        "they saved with another model config?")
-    apply, params = dit.from_params(mcfg, params)
+    if family.name == "dit":
+        _check_fits(mcfg, params, directory)
+    apply, params = family.from_params(mcfg, params)
     return mcfg, apply, params, meta

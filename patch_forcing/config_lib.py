@@ -1,19 +1,21 @@
-"""A config read into the objects it describes (DiTConfig, timestep sampler, SamplerConfig) and
-checked: `validate(config, mode)` runs before anything is compiled or read, and a bad field fails
-with one line naming the field and the allowed values. Config files themselves import only
+"""A config read into the objects it describes (model config of its family, timestep sampler,
+SamplerConfig, Conditioning) and checked: `validate(config, mode)` runs before anything is
+compiled or read, and a bad field fails with one line naming the field and the allowed values. Config files themselves import only
 `patch_forcing.presets`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 from etils import epath
 
-from patch_forcing.data import pipeline
+from patch_forcing import conditioning as cond_lib
+from patch_forcing.data import captioned, pipeline, text_embeddings
 from patch_forcing.flow import samplers, timesteps
-from patch_forcing.models import dinov2, dit
+from patch_forcing.models import dinov2, dit, families, text_encoder
 
 MODES = ("train", "sample", "evaluate")
 GLOBAL_TIMESTEPS = ("uniform", "logit_normal")
@@ -24,10 +26,19 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def model_family(config) -> families.Family:
+    """`config.model.family`: 'dit' (class labels; the default) or 't2i' (text)."""
+    name = config.model.get("family", families.DEFAULT)
+    _require(name in families.FAMILIES, f"config.model.family={name!r} is not one of {list(families.FAMILIES)}")
+    return families.get(name)
+
+
 def model_config(config) -> dit.DiTConfig:
-    """The DiTConfig spelled out in `config.model` (the `preset` field is informational)."""
-    fields = {f.name for f in dataclasses.fields(dit.DiTConfig)}
-    block = {k: v for k, v in config.model.items() if k != "preset"}
+    """The DiTConfig (or T2IConfig) spelled out in `config.model` (`preset` is informational,
+    `family` picks the class)."""
+    cls = model_family(config).config
+    fields = {f.name for f in dataclasses.fields(cls)}
+    block = {k: v for k, v in config.model.items() if k not in ("preset", "family")}
     block["attention_impl"] = block.get("attention_impl") or None  # "" in configs = JAX's choice
     fields -= {"repa_depth", "repa_z_dim", "repa_projector_dim"}  # set from config.repa
     unknown = sorted(set(block) - fields)
@@ -35,7 +46,7 @@ def model_config(config) -> dit.DiTConfig:
                           "(REPA's projector: config.repa)")
     block.update(_repa_model_fields(config, block.get("depth")))
     try:
-        return dit.DiTConfig(**block)
+        return cls(**block)
     except ValueError as e:
         raise ValueError(f"config.model.{e}") from None
 
@@ -121,8 +132,11 @@ def validate(config, mode: str = "train") -> None:
              f"config.data.image_size={tuple(d.image_size)} must equal config.model.image_size={mcfg.image_size}")
     _require(d.channels == mcfg.in_channels,
              f"config.data.channels={d.channels} must equal config.model.in_channels={mcfg.in_channels}")
-    _require(d.num_classes == mcfg.num_classes,
-             f"config.data.num_classes={d.num_classes} must equal config.model.num_classes={mcfg.num_classes}")
+    if model_family(config).conditioning == "label":
+        _require(d.num_classes == mcfg.num_classes,
+                 f"config.data.num_classes={d.num_classes} must equal config.model.num_classes={mcfg.num_classes}")
+    else:
+        check_text(config, mcfg, mode)
     _require(d.batch_size >= 1, f"config.data.batch_size must be >= 1, got {d.batch_size}")
     o = config.optim
     _require(o.lr > 0, f"config.optim.lr must be > 0, got {o.lr}")
@@ -159,12 +173,17 @@ def check_eval(e) -> None:
                  f"config.eval.{field}={e[field]!r} must be a non-empty string")
 
 
-def sampler_config(config, mcfg: dit.DiTConfig | None = None):
-    """`config.sampler` completed from the model (patch size, null class), validated; the sampler
-    must fit the model: `euler` for global-time models, a per-patch sampler otherwise."""
+def sampler_config(config, mcfg: dit.DiTConfig | None = None, cond: cond_lib.Conditioning | None = None):
+    """`config.sampler` completed from the model (patch size; null class, or `cond.null` for text
+    models), validated; the sampler must fit the model: `euler` for global-time models, a per-patch
+    sampler otherwise. Without `cond` a text model's sampler is checked but cannot guide yet."""
     mcfg = mcfg or model_config(config)
+    if model_family(config).conditioning == "label":
+        null = dict(null_class=mcfg.num_classes)
+    else:
+        null = dict(null_class=None, null=None if cond is None else cond.null)
     scfg = samplers.validate_sampler_config(samplers.as_sampler_config(
-        config.sampler, null_class=mcfg.num_classes, patch_size=mcfg.patch_size))
+        config.sampler, patch_size=mcfg.patch_size, **null), null_later=cond is None)
     if (scfg.name == "euler") == mcfg.per_patch:
         fit = "a per-patch sampler (euler_pf, dual_loop, look_ahead, ...)" if mcfg.per_patch else "'euler'"
         kind = "per-patch" if mcfg.per_patch else "global-time"
@@ -177,3 +196,55 @@ def inference_dir(config, workdir) -> epath.Path:
     <workdir>/inference (where training leaves its EMA weights)."""
     ckpt = str(config.sample.get("checkpoint", "") or "")
     return epath.Path(ckpt) if ckpt else epath.Path(workdir) / "inference"
+
+
+# ----------------------------------------------------------------------------- conditioning
+TEXT_SPECS = "'random' (a frozen random Qwen3) or a local Qwen3(-VL) folder"
+
+
+def check_text(config, mcfg, mode: str) -> None:
+    """The `text` block of a text-to-image config (configs/t2i.py); nothing is read here."""
+    _require("text" in config, "a config with config.model.family='t2i' needs a config.text block (configs/t2i.py)")
+    t = config.text
+    _require(isinstance(t.encoder, str) and bool(t.encoder),
+             f"config.text.encoder={t.encoder!r} must be {TEXT_SPECS}")
+    _require(isinstance(t.tokenizer, str) and bool(t.tokenizer), f"config.text.tokenizer={t.tokenizer!r} must be "
+             "'words' (captioned digits) or a folder with tokenizer.json")
+    _require(t.max_length >= 1, f"config.text.max_length must be >= 1, got {t.max_length}")
+    _require(0 <= t.dropout < 1, f"config.text.dropout must be in [0, 1), got {t.dropout}")
+    _require(t.dtype in text_encoder.DTYPES,
+             f"config.text.dtype={t.dtype!r} is not one of {list(text_encoder.DTYPES)}")
+    if t.encoder == "random":
+        _require(t.width == mcfg.txt_in_dim,
+                 f"config.text.width={t.width} must equal config.model.txt_in_dim={mcfg.txt_in_dim}")
+    if config.data.name == "captioned_digits":
+        _require(t.max_length >= captioned.MAX_TOKENS, f"config.text.max_length={t.max_length} must be >= "
+                 f"{captioned.MAX_TOKENS} (captioned digits' tokens)")
+    _require(not (mode == "train" and "eval" in config and config.eval.fid_every_steps > 0),
+             "config.eval.fid_every_steps must be 0 for text models (score them with "
+             "patch_forcing.evaluation.prompt_accuracy)")
+    _require(mode != "evaluate", "--mode=evaluate is for class-conditional models; text models are scored with "
+             "patch_forcing.evaluation.prompt_accuracy")
+
+
+def conditioning(config) -> cond_lib.Conditioning:
+    """The model's conditioning: class labels with config.loss.label_dropout, or text through the
+    frozen encoder of config.text (loaded here) with config.text.dropout (caption dropout)."""
+    if model_family(config).conditioning == "label":
+        return cond_lib.labels(model_config(config).num_classes, config.loss.label_dropout)
+    t = config.text
+    enc, tok = _text_encoder(t.encoder, t.tokenizer, t.dtype, t.width, t.layers, t.seed)
+    text_dir = str(config.data.get("text_dir", "") or "")
+    null = text_embeddings.read_null(text_dir) if text_dir else None
+    return cond_lib.text(enc, tok, t.max_length, t.use_mask, t.dropout, null=null, meta=t.to_dict())
+
+
+@functools.lru_cache(maxsize=2)
+def _text_encoder(encoder: str, tokenizer: str, dtype: str, width: int, layers: int, seed: int):
+    """(TextEncoder, tokenizer), loaded once per process (the train step and the evaluator share it)."""
+    tok = captioned.WordTokenizer() if tokenizer == "words" else text_encoder.load_tokenizer(tokenizer)
+    if encoder != "random":
+        return text_encoder.load_text_encoder(encoder, dtype=dtype), tok
+    vocab = len(tok.vocab) if tokenizer == "words" else tok.get_vocab_size()
+    cfg = text_encoder.tiny_config(vocab_size=vocab, hidden_size=width, num_layers=layers, dtype=dtype)
+    return text_encoder.random_text_encoder(cfg, seed=seed), tok

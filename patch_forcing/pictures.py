@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = ["to_uint8", "image_grid", "save_png", "load_png", "colormap", "difficulty_picture",
-           "trajectory_picture"]
+           "trajectory_picture", "prompt_grid"]
 
 # Viridis sampled at 0, 1/8, ..., 1 (RGB 0..255); linear interpolation in between.
 _VIRIDIS = np.array(
@@ -222,3 +222,26 @@ def trajectory_picture(images, info: dict, patch_size: int, model_height: int, r
     scale = uint8.shape[1] // model_height
     return difficulty_picture(uint8, info["difficulty"][:rows], masks=masks, patch_size=patch_size * scale,
                               times=info["times"][:rows])
+
+
+def prompt_grid(images, prompts: Sequence[str], min_size: int = 64, pad: int = 4) -> np.ndarray:
+    """A text-to-image grid: row p is prompts[p] (rendered on the left) then its K images.
+
+    images (P, K, H, W, C) uint8, enlarged by an integer factor to at least `min_size` pixels
+    (nearest neighbour) -> uint8 (H', W', 3) on white."""
+    images = np.asarray(images)
+    if images.ndim != 5 or len(prompts) != images.shape[0]:
+        raise ValueError(f"images must be (P, K, H, W, C) with P = len(prompts) = {len(prompts)}, got {images.shape}")
+    factor = max(1, -(-min_size // max(images.shape[2:4])))
+    images = _rgb(images.repeat(factor, axis=2).repeat(factor, axis=3))
+    p, k, h, w, _ = images.shape
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max(draw.textbbox((0, 0), str(t))[2] for t in prompts) + 2 * pad
+    canvas = np.full((p * (h + pad) + pad, text_w + k * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(p):
+        y0 = pad + i * (h + pad)
+        for j in range(k):
+            x0 = text_w + pad + j * (w + pad)
+            canvas[y0:y0 + h, x0:x0 + w] = images[i, j]
+        canvas = _caption(canvas, (pad, y0 + h // 2 - 6), str(prompts[i]))
+    return canvas

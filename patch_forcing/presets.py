@@ -43,6 +43,23 @@ def dit_fields(name: str, **overrides) -> dict:
 # authors' helper package's default) patch tokens; weight 0.5 (REPA's; the paper does not say).
 REPA = dict(encoder_depth=8, z_dim=768, projector_dim=2048, coeff=0.5, encoder="dinov2_vitb14_reg")
 
+# ----------------------------------------------------------------------------- T2I sizes
+# models/t2i.py T2IConfig fields per preset; `latent_size` is the training latent grid (H, W).
+T2I_PRESETS = {
+    # the reference's configs/model/t2i-pft-1.2b.yaml (its experiment sets in_dim=32 for FLUX.2)
+    "pft_1p2b": dict(in_dim=4, depth=28, hidden_dim=1536, head_dim=96, mapping_dim=384,
+                     mapping_depth=2, patch_size=2, txt_in_dim=2048, txt_refiner_dim=1536,
+                     txt_refiner_head_dim=128, txt_refiner_depth=2, latent_size=32),
+    # for tests and CPU smoke runs
+    "tiny": dict(in_dim=3, depth=2, hidden_dim=32, head_dim=16, mapping_dim=16, mapping_depth=2,
+                 patch_size=2, txt_in_dim=12, txt_refiner_dim=24, txt_refiner_head_dim=8,
+                 txt_refiner_depth=2, latent_size=8),
+    # the captioned-digits task (configs/t2i.py:digits): 16 x 32 RGB pixels, 4 x 4 patches
+    "digits": dict(in_dim=3, depth=4, hidden_dim=128, head_dim=32, mapping_dim=64, mapping_depth=2,
+                   patch_size=4, txt_in_dim=32, txt_refiner_dim=64, txt_refiner_head_dim=16,
+                   txt_refiner_depth=1, latent_size=(16, 32)),
+}
+
 # ----------------------------------------------------------------------------- training times
 # Training timestep sampler name -> its parameters' defaults (flow/timesteps.py).
 TIMESTEP_PARAMS = {

@@ -28,13 +28,14 @@ from jax.sharding import PartitionSpec as P
 
 from patch_forcing import UserError
 from patch_forcing import checkpoint as ckpt_lib
+from patch_forcing import conditioning as cond_lib
 from patch_forcing import config_lib, pictures, repa, sharding
 from patch_forcing.data import pipeline
 from patch_forcing.evaluation import fid
 from patch_forcing.flow import interpolant, samplers
 from patch_forcing.flow import loss as loss_lib
 from patch_forcing.metric_writer import MetricWriter
-from patch_forcing.models import dit, vae
+from patch_forcing.models import decoders
 
 
 # ----------------------------------------------------------------------------- model and optimizer
@@ -70,15 +71,15 @@ def param_shardings(abstract_params, mesh, fsdp: bool):
 # ----------------------------------------------------------------------------- state
 def init_state(config, mesh):
     """A sharded train state, the graphdef, the fixed rest, and the state's shardings."""
-    mcfg = config_lib.model_config(config)
+    mcfg, family = config_lib.model_config(config), config_lib.model_family(config)
     tx, _ = make_optimizer(config.optim)
     key = jax.random.key(config.seed)
-    graphdef, abstract_params, _ = nnx.eval_shape(lambda: dit.init(mcfg, key))
+    graphdef, abstract_params, _ = nnx.eval_shape(lambda: family.init(mcfg, key))
     shard = param_shardings(abstract_params, mesh, fsdp=mesh.shape[sharding.FSDP] > 1)
     replicated = NamedSharding(mesh, P())
 
     def init(key):
-        _, params, rest = dit.init(mcfg, key)
+        _, params, rest = family.init(mcfg, key)
         params = jax.lax.with_sharding_constraint(params, shard)
         state = {
             "step": jnp.zeros((), jnp.int32),
@@ -101,7 +102,8 @@ def init_state(config, mesh):
 
 # ----------------------------------------------------------------------------- update step
 def make_train_step(config, graphdef, rest, encoder: repa.TargetEncoder | None = None):
-    """step(state, batch) -> (state, metrics), pure; jit it with the state's shardings.
+    """step(state, batch) -> (state, metrics), pure; jit it with the state's shardings. The
+    conditioning (config_lib.conditioning) reads the batch's labels or text.
 
     With REPA aligning (config.repa.encoder_depth > 0, coeff > 0) it is step(state, batch,
     encoder_params): the frozen `encoder` (repa.target_encoder) reads the batch's clean images and
@@ -109,19 +111,21 @@ def make_train_step(config, graphdef, rest, encoder: repa.TargetEncoder | None =
     runs and the step is the plain model's (the projector gets zero gradients).
     """
     mcfg = config_lib.model_config(config)
+    cond = config_lib.conditioning(config)
     tx, schedule = make_optimizer(config.optim)
     sample_t = config_lib.timestep_sampler(config)
     align = config_lib.repa_aligns(config)
     if align and encoder is None:
         raise ValueError("config.repa aligns (encoder_depth > 0, coeff > 0): pass encoder=repa.target_encoder(...)")
     coeff = float(config.repa.coeff) if align else 0.0
-    apply = dit.make_apply(graphdef, rest, return_z=align)
-    p, n, null = mcfg.patch_size, mcfg.num_patches, mcfg.num_classes
-    nll_weight, dropout, decay = config.loss.nll_weight, config.loss.label_dropout, config.ema.decay
+    family = config_lib.model_family(config)
+    apply = family.make_apply(graphdef, rest, return_z=True) if align else family.make_apply(graphdef, rest)
+    p, n = mcfg.patch_size, mcfg.num_patches
+    nll_weight, decay = config.loss.nll_weight, config.ema.decay
 
     def step(state, batch, encoder_params=None):
         x1 = batch["image"].astype(jnp.float32)
-        y = batch["label"].astype(jnp.int32)
+        y = cond.from_batch(batch)
         b = x1.shape[0]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         k_t, k_noise, k_drop = jax.random.split(rng, 3)
@@ -131,7 +135,7 @@ def make_train_step(config, graphdef, rest, encoder: repa.TargetEncoder | None =
         x0 = jax.random.normal(k_noise, x1.shape, jnp.float32)
         xt = interpolant.interpolate(x0, x1, t, p)
         u = interpolant.target(x0, x1)
-        y = jnp.where(jax.random.uniform(k_drop, (b,)) < dropout, null, y)  # CFG label dropout
+        y = cond_lib.drop(k_drop, y, cond.null, cond.dropout)  # CFG label / caption dropout
         if align:  # REPA target: the frozen encoder on the clean images, whatever the patch times
             f = jax.lax.stop_gradient(encoder.features(encoder_params, repa.encoder_images(batch)))  # (B, N, z)
 
@@ -187,10 +191,12 @@ class Evaluator:
     def __init__(self, config, workdir, graphdef, rest, mesh):
         self.config, self.workdir = config, epath.Path(workdir)
         self.mcfg = mcfg = config_lib.model_config(config)
-        apply = dit.make_apply(graphdef, rest)
-        self.val_fn = jax.jit(lambda params, x1, x0, y: loss_lib.validation_loss(
-            functools.partial(apply, params), x1, x0, y, mcfg.patch_size, per_patch=mcfg.per_patch))
-        scfg = config_lib.sampler_config(config, mcfg)
+        self.cond = cond = config_lib.conditioning(config)
+        apply = config_lib.model_family(config).make_apply(graphdef, rest)
+        self.val_fn = jax.jit(lambda params, x1, x0, batch: loss_lib.validation_loss(
+            functools.partial(apply, params), x1, x0, cond.from_batch(batch), mcfg.patch_size,
+            per_patch=mcfg.per_patch))
+        scfg = config_lib.sampler_config(config, mcfg, cond)
         self.sampler_name = samplers.sampler_name(scfg)
         self.sample_fn = samplers.make_sample_fn(apply, scfg, return_trajectory=True)
         self.key = jax.random.key(config.seed + 1)
@@ -198,7 +204,7 @@ class Evaluator:
             config.data, config.data.split_eval, num_examples=config.log.num_eval_examples))
         ns, (h, w) = config.log.num_samples, mcfg.image_size
         self.noise = jax.random.normal(jax.random.fold_in(self.key, 0), (ns, h, w, mcfg.in_channels))
-        self.labels = jnp.arange(ns, dtype=jnp.int32) % mcfg.num_classes
+        self.labels = cond_lib.grid_conditioning(cond, ns, getattr(mcfg, "num_classes", 0), self.val_batches)
         self.decode = _sample_decoder(config, mcfg)
         self.fid_hook = None
         if config.eval.fid_every_steps > 0:  # the --mode=evaluate measurement, next to val loss
@@ -209,7 +215,7 @@ class Evaluator:
         for i, vb in enumerate(self.val_batches):
             x1 = jnp.asarray(vb["image"])
             x0 = jax.random.normal(jax.random.fold_in(self.key, 1000 + i), x1.shape)
-            _, seg = self.val_fn(ema, x1, x0, jnp.asarray(vb["label"]))
+            _, seg = self.val_fn(ema, x1, x0, {k: v for k, v in vb.items() if k != "image"})
             seg_sum, count = seg_sum + np.asarray(seg) * len(x1), count + len(x1)
         seg = seg_sum / count
         return {"val_loss": float(seg.mean()), **{f"val_loss/t{k}": float(v) for k, v in enumerate(seg)}}
@@ -238,7 +244,7 @@ def _sample_decoder(config, mcfg):
         return lambda x: x
     try:
         if config.sample.vae:
-            return vae.make_decoder(config.sample.vae)
+            return decoders.make_decoder(config.sample.vae)
     except (OSError, ValueError) as e:  # offline hub, missing file
         logging.warning("sample grids show raw latents: the VAE did not load (%s)", e)
     return lambda x: x[..., :3]
@@ -418,7 +424,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 writer.write(step, evaluator.fid_hook(step, state["ema"]))
     manager.wait_until_finished()
     ema = sharding.to_host(nnx.to_pure_dict(state["ema"]))  # gathered on every host
-    ckpt_lib.save_inference(workdir / "inference", mcfg.to_dict(), ema,  # on every host: orbax syncs
-                            extra={"step": int(state["step"]), "sampler": dict(config.sampler)})
+    ckpt_lib.save_inference(workdir / "inference", evaluator.mcfg.to_dict(), ema,  # on every host: orbax syncs
+                            extra={"step": int(state["step"]), "sampler": dict(config.sampler),
+                                   "conditioning": evaluator.cond.meta},
+                            family=config_lib.model_family(config).name)
     writer.close()
     return last

@@ -26,10 +26,13 @@ ALLOWED = {
                              "patch_forcing.paths"},
     "patch_forcing.data": {"patch_forcing.paths"},
     "patch_forcing.checkpoint": {"patch_forcing.models", "patch_forcing.paths"},
-    "patch_forcing.config_lib": {"patch_forcing.data", "patch_forcing.flow", "patch_forcing.models", "patch_forcing.paths"},
-    "patch_forcing.evaluation": {"patch_forcing.checkpoint", "patch_forcing.config_lib", "patch_forcing.data",
-                                 "patch_forcing.flow", "patch_forcing.models", "patch_forcing.pictures",
-                                 "patch_forcing.sharding", "patch_forcing.paths"},
+    "patch_forcing.conditioning": {"patch_forcing.models"},
+    "patch_forcing.config_lib": {"patch_forcing.conditioning", "patch_forcing.data", "patch_forcing.flow",
+                                 "patch_forcing.models", "patch_forcing.paths"},
+    "patch_forcing.evaluation": {"patch_forcing.checkpoint", "patch_forcing.conditioning",
+                                 "patch_forcing.config_lib", "patch_forcing.data", "patch_forcing.flow",
+                                 "patch_forcing.models", "patch_forcing.pictures", "patch_forcing.sharding",
+                                 "patch_forcing.paths"},
 }
 NEVER_IMPORTED = ("patch_forcing.main", "patch_forcing.tools")  # entry points: nothing below imports them
 

@@ -1,12 +1,15 @@
 """Input pipeline on grain: random-access sources, the training iterator, eval batches.
 
 Batches are dicts of numpy arrays: `image` float32 (B_local, H, W, C) NHWC, in [-1, 1] for pixel
-data (latents as stored, already scaled), and `label` int32 (B_local,); latents with
-`data.with_pixels` also carry `pixels` uint8 (B_local, S, S, 3), the encoded images flipped with
-their latents (REPA's encoder reads them). Sources (`data.name`):
-'digits' (sklearn's bundled 8x8 digits), 'mnist' (IDX files or tfds), 'tfds', 'latents'
-(`data.latents.LatentSource`; a stored flip pair is the hflip augmentation; split 'x' reads
-<data_dir>/x/, and 'train' may also be data_dir itself) and 'arrays' (.npz). Paths may be gs://.
+data (latents as stored, already scaled), `label` int32 (B_local,) where the data has classes, and
+any other field of the records as is (the conditioning: captioned digits' `tokens`/`token_mask`,
+pre-extracted `text`/`text_mask`); latents with `data.with_pixels` also carry `pixels` uint8
+(B_local, S, S, 3), the encoded images flipped with their latents (REPA's encoder reads them).
+Sources (`data.name`): 'digits' (sklearn's bundled 8x8 digits), 'mnist' (IDX files or tfds),
+'tfds', 'latents' (`data.latents.LatentSource`; a stored flip pair is the hflip augmentation; split
+'x' reads <data_dir>/x/, and 'train' may also be data_dir itself; with `data.text_dir` joined with
+pre-extracted text embeddings, `data.text_embeddings`), 'arrays' (.npz) and 'captioned_digits'
+(`data.captioned`). Paths may be gs://.
 Splits are tfds-style strings: 'test', 'test[:8000]', 'train[10%:]', 'test[-2000:]'.
 
 What a reader must know: the training stream is shuffle(seed) -> repeat -> per-example randomness
@@ -32,7 +35,7 @@ from absl import flags
 from sklearn.datasets import load_digits
 
 from patch_forcing import UserError, paths
-from patch_forcing.data import latents
+from patch_forcing.data import captioned, latents, text_embeddings
 
 __all__ = [
     "NAMES",
@@ -46,7 +49,7 @@ __all__ = [
     "make_eval_batches",
 ]
 
-NAMES = ("digits", "mnist", "tfds", "latents", "arrays")
+NAMES = ("digits", "mnist", "tfds", "latents", "arrays", "captioned_digits")
 MNIST_SOURCES = ("auto", "tfds", "idx")
 DIGITS_TRAIN = 1500  # digits 'train' = first 1500 images, 'test' = the remaining 297
 _REQUIRED = object()
@@ -110,6 +113,9 @@ def check_config(data_cfg, process_count: int = 1) -> None:
             raise ValueError(f"data.{field}={value!r} must be True or False")
     if _get(data_cfg, "with_pixels", False) and name != "latents":
         raise ValueError(f"data.with_pixels=True needs data.name='latents' (data.name={name!r} are the images)")
+    text_dir = _get(data_cfg, "text_dir", "")
+    if text_dir and (not isinstance(text_dir, str) or name != "latents"):
+        raise ValueError(f"data.text_dir={text_dir!r} must be a text-embedding directory, for data.name='latents'")
     batch = _get(data_cfg, "batch_size")
     if not _is_int(batch) or batch <= 0 or batch % process_count:
         raise ValueError(f"data.batch_size={batch!r} must be a positive int divisible by the "
@@ -209,7 +215,8 @@ class ArraySource:
 
 
 class _View:
-    """Contiguous sub-range of another source, records renamed to {'image', 'label'[, 'pixels']}."""
+    """Contiguous sub-range of another source, its `key` field renamed to 'image' (a stored
+    'pixels' field only with `pixels`)."""
 
     def __init__(self, source, rng: slice, key: str = "image", pixels: bool = False):
         self.source, self.start, self.key, self.pixels = source, rng.start, key, pixels
@@ -219,11 +226,10 @@ class _View:
         return self.length
 
     def __getitem__(self, i):
-        record = self.source[self.start + int(i)]
-        out = {"image": record[self.key], "label": record["label"]}
-        if self.pixels:
-            out["pixels"] = record["pixels"]
-        return out
+        record = dict(self.source[self.start + int(i)])
+        if not self.pixels:
+            record.pop("pixels", None)
+        return {"image": record.pop(self.key), **record}
 
     def __repr__(self) -> str:
         return f"_View({self.source!r}, start={self.start}, length={self.length})"
@@ -325,16 +331,30 @@ def _read_npz(path: str, base: str) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path}: not a readable .npz, truncated or damaged ({type(e).__name__}: {e})") from None
 
 
-def _latent_source(cfg, split: str) -> _Raw:
-    data_dir, base = _get(cfg, "data_dir"), parse_split(split)[0]
-    sub = paths.path(data_dir) / base if base else paths.path(data_dir)
-    if base and not sub.is_dir():  # the 'train' latents may sit in data_dir itself; other splits never
+def _split_dir(directory: str, base: str) -> str:
+    sub = os.path.join(directory, base) if base else directory
+    return sub if os.path.isdir(sub) else directory
+
+
+def _split_dir(directory: str, base: str, field: str):
+    """<directory>/<base>/; the 'train' split may also be `directory` itself, other splits never."""
+    sub = paths.path(directory) / base if base else paths.path(directory)
+    if base and not sub.is_dir():
         if base != "train":
             raise FileNotFoundError(
-                f"data split {split!r}: no latent directory {sub} (data.data_dir={data_dir!r}); extract that "
-                f"split there: python -m patch_forcing.tools.extract_latents --split={base} --out={sub} ...")
-        sub = paths.path(data_dir)
-    src = latents.LatentSource(str(sub))
+                f"data split {base!r}: no {'text' if field == 'text_dir' else 'latent'} directory {sub} "
+                f"(data.{field}={directory!r}); extract that split there: python -m patch_forcing.tools."
+                f"{'extract_text' if field == 'text_dir' else 'extract_latents'} --split={base} --out={sub} ...")
+        sub = paths.path(directory)
+    return sub
+
+
+def _latent_source(cfg, split: str) -> _Raw:
+    data_dir, base = _get(cfg, "data_dir"), parse_split(split)[0]
+    src = latents.LatentSource(str(_split_dir(data_dir, base, "data_dir")))
+    text_dir = _get(cfg, "text_dir", "")
+    if text_dir:
+        src = text_embeddings.WithText(src, text_embeddings.TextSource(str(_split_dir(text_dir, base, "text_dir"))))
     meta = getattr(src, "metadata", {})
     moments = meta.get("mode") == "moments"
     h, w, c = tuple(np.shape(src[0]["latent"]))[-3:]
@@ -365,6 +385,12 @@ def _raw_source(cfg, split: str) -> _Raw:
         return _tfds_source(_get(cfg, "tfds_name"), split, _get(cfg, "data_dir", ""))
     if name == "latents":
         return _latent_source(cfg, split)
+    if name == "captioned_digits":
+        base = parse_split(split)[0]
+        if base not in captioned.SPLITS:
+            raise ValueError(f"captioned_digits split {split!r}: base must be one of {list(captioned.SPLITS)}")
+        rows = _slice(split, captioned.SPLITS[base][1])
+        return _Raw(captioned.CaptionedDigits(base, rows), (*captioned.CANVAS, 3), 255.0, None, name)
     return _arrays_source(cfg, split)
 
 
@@ -403,8 +429,8 @@ def make_source(data_cfg, split: str):
 
 @dataclasses.dataclass(frozen=True)
 class _Preprocess:
-    """Record -> {'image': float32 (H, W, C), 'label': int32[, 'pixels': uint8 (S, S, 3) flipped
-    with the latent]}; picklable for grain workers."""
+    """Record -> {'image': float32 (H, W, C), 'label': int32 (if any), 'pixels': uint8 (S, S, 3)
+    flipped with the latent (if any), other fields as arrays}; picklable for grain workers."""
 
     pixel_max: float | None
     pad: int
@@ -431,7 +457,11 @@ class _Preprocess:
             x = x[:, ::-1]
         if self.pad:
             x = np.pad(x, ((self.pad, self.pad), (self.pad, self.pad), (0, 0)), constant_values=-1.0)
-        return {"image": np.ascontiguousarray(x), "label": np.int32(record["label"]), **out}
+        out["image"] = np.ascontiguousarray(x)
+        out.update({k: np.asarray(v) for k, v in record.items() if k not in ("image", "label", "pixels")})
+        if "label" in record:
+            out["label"] = np.int32(record["label"])
+        return out
 
 
 def make_train_iterator(data_cfg, seed: int, process_index: int = 0, process_count: int = 1):

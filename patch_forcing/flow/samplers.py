@@ -2,8 +2,11 @@
 pace (the paper's adaptive inference: easy patches first, so they become context for hard ones).
 
 Every sampler is a pure function `(model_fn, noise, labels, key, cfg) -> (samples, info)` with
-model_fn(x (B,H,W,C), t, y (B,)) -> (v, s log-variance or None); t is (B,) for `euler` and (B, N)
-for the per-patch samplers. What a reader must know: the outer grid is uniform (t_k = k / S), steps
+model_fn(x (B,H,W,C), t, y) -> (v, s log-variance or None); t is (B,) for `euler` and (B, N)
+for the per-patch samplers. `y` is the conditioning: class labels (B,) int, or a dict of arrays
+that lead with the batch (text: {'text': (B, L, D), 'text_mask': (B, L)}); CFG's unconditional
+half is `cfg.null` (that pytree without the batch axis, e.g. the empty prompt's embedding), else
+the label `cfg.null_class`. What a reader must know: the outer grid is uniform (t_k = k / S), steps
 run in `lax.scan`, so the compiled program does not grow with S, and NFE counts a doubled CFG
 batch once (`info['nfe']`, `info['nfe_doubled']`). Where the reference (`integrators.py`) fixes a
 detail, it is followed literally; the function docstrings say which.
@@ -50,7 +53,8 @@ class SamplerConfig:
     ratio: float = presets.SAMPLER["ratio"]  # look_ahead context time t_ctx = min(ratio * t, 1)
     pool: str = presets.SAMPLER["pool"]  # difficulty pooling over a patch's pixels
     guidance_interval: tuple[float, float] | None = None
-    null_class: int | None = None  # = num_classes; needed when cfg_scale != 1
+    null_class: int | None = None  # = num_classes; needed when cfg_scale != 1 (unless `null`)
+    null: Any = dataclasses.field(default=None, compare=False)  # CFG's null conditioning (pytree, no batch axis)
     patch_size: int = 2
     schedule: Any = dataclasses.field(default=None, compare=False)  # (steps+1, N), name='schedule'
     allow_negative_dt: bool = False  # schedule: keep negative increments (else clamp to 0)
@@ -84,8 +88,9 @@ def as_sampler_config(cfg: Any = None, **overrides) -> SamplerConfig:
     return SamplerConfig(**d)
 
 
-def validate_sampler_config(cfg: Any, num_patches: int | None = None) -> SamplerConfig:
-    """Check every field; one-line ValueError naming `sampler.<field>` and the allowed values."""
+def validate_sampler_config(cfg: Any, num_patches: int | None = None, null_later: bool = False) -> SamplerConfig:
+    """Check every field; one-line ValueError naming `sampler.<field>` and the allowed values.
+    `null_later`: the caller sets `null` before sampling (text models), so no null_class is needed."""
     cfg = as_sampler_config(cfg)
 
     def is_int(v, lo):
@@ -102,8 +107,8 @@ def validate_sampler_config(cfg: Any, num_patches: int | None = None) -> Sampler
         ("patch_size", is_int(cfg.patch_size, 1), "must be an integer >= 1"),
         ("num_intermediates", is_int(cfg.num_intermediates, 0), "must be an integer >= 0"),
         ("cfg_scale", math.isfinite(cfg.cfg_scale), "must be a finite number"),
-        ("null_class", cfg.cfg_scale == 1.0 or cfg.null_class is not None,
-         f"must be the null class index (num_classes) when cfg_scale={cfg.cfg_scale} != 1"),
+        ("null_class", cfg.cfg_scale == 1.0 or cfg.null_class is not None or cfg.null is not None or null_later,
+         f"must be the null class index (num_classes), or sampler.null set, when cfg_scale={cfg.cfg_scale} != 1"),
         ("guidance_interval", gi is None or (len(gi) == 2 and 0.0 <= gi[0] < gi[1] <= 1.0),
          "must be (t_lo, t_hi) with 0 <= t_lo < t_hi <= 1, or None"),
     ]
@@ -219,7 +224,7 @@ def certain_mask(d: jax.Array, q: float, patch_size: int) -> jax.Array:
 def _model_call(model_fn: ModelFn, x, t, y, cfg: SamplerConfig):
     """One NFE -> (v guided, v conditional, s guided or None, doubled 0/1 int32).
 
-    Classifier-free guidance: one call on the batch doubled as [uncond; cond] (labels null_class),
+    Classifier-free guidance: one call on the batch doubled as [uncond; cond] (`_null_like`),
     v = v_u + w (v_c - v_u), and the same for s (the guided s picks the certain patches). cfg_scale
     1 calls the model once, undoubled. With guidance_interval (lo, hi) the model is guided only
     when the mean current time is in [lo, hi] (compared in float64 like the reference's
@@ -236,8 +241,8 @@ def _model_call(model_fn: ModelFn, x, t, y, cfg: SamplerConfig):
 
     def guided():
         w = cfg.cfg_scale
-        null = jnp.full_like(y, cfg.null_class)
-        v2, s2 = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([null, y]))
+        y2 = jax.tree.map(lambda n, c: jnp.concatenate([n, c]), _null_like(y, cfg), y)
+        v2, s2 = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y2)
         v_u, v_c = jnp.split(v2.astype(x.dtype), 2)
         v = v_u + w * (v_c - v_u)
         s = None
@@ -253,6 +258,14 @@ def _model_call(model_fn: ModelFn, x, t, y, cfg: SamplerConfig):
     inside = (t_mean >= lo) & (t_mean <= hi)
     v, v_c, s = jax.lax.cond(inside, guided, plain)
     return v, v_c, s, inside.astype(jnp.int32)
+
+
+def _null_like(y, cfg: SamplerConfig):
+    """The unconditional batch for conditioning `y`: `cfg.null` broadcast over y's batch, or
+    labels `null_class`."""
+    if cfg.null is None:
+        return jnp.full_like(y, cfg.null_class)
+    return jax.tree.map(lambda n, c: jnp.broadcast_to(jnp.asarray(n, c.dtype), c.shape), cfg.null, y)
 
 
 def _f32_interval(lo: float, hi: float) -> tuple[np.float32, np.float32]:
@@ -501,7 +514,8 @@ _BY_NAME = {"euler": euler, "euler_pf": euler_pf, "dual_loop": dual_loop, "look_
 
 
 def sample(model_fn, noise, labels, key, cfg, return_trajectory=False, *, schedule=None, x_cond=None):
-    """Dispatch by cfg.name. noise (B,H,W,C), labels (B,) int32 -> (samples (B,H,W,C), info).
+    """Dispatch by cfg.name. noise (B,H,W,C), labels (B,) int32 or a conditioning pytree ->
+    (samples (B,H,W,C), info).
 
     info: 'nfe', 'nfe_doubled'; with return_trajectory also 'times' (B, S+1, N) at step starts,
     'difficulty' (B, S, N) pooled exp(s) of each step's first call, 'certain' (B, S, N) for the
@@ -511,14 +525,15 @@ def sample(model_fn, noise, labels, key, cfg, return_trajectory=False, *, schedu
     cfg = as_sampler_config(cfg)
     _, h, w, _ = noise.shape
     cfg = validate_sampler_config(cfg, interpolant.num_patches(h, w, cfg.patch_size))
-    labels = jnp.asarray(labels, jnp.int32)
+    labels = jax.tree.map(jnp.asarray, labels) if isinstance(labels, dict) else jnp.asarray(labels, jnp.int32)
     if cfg.name == "schedule":
         return _schedule(model_fn, noise, labels, key, cfg, return_trajectory, schedule=schedule, x_cond=x_cond)
     return _BY_NAME[cfg.name](model_fn, noise, labels, key, cfg, return_trajectory)
 
 
 def make_sample_fn(apply_fn, cfg, return_trajectory=False):
-    """jit(fn(params, noise, labels, key, schedule=None, x_cond=None)) for apply_fn(params, x, t, y)."""
+    """jit(fn(params, noise, labels, key, schedule=None, x_cond=None)) for apply_fn(params, x, t, y);
+    `labels` is whatever conditioning apply_fn takes (class labels, a text dict)."""
     cfg = validate_sampler_config(cfg)
 
     def fn(params, noise, labels, key, schedule=None, x_cond=None):

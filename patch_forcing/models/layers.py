@@ -165,3 +165,4 @@ def load_params(model: nnx.Module, params: dict, what=nnx.Param) -> nnx.Module:
     nnx.replace_by_pure_dict(state, jax.tree.map(place, nnx.to_pure_dict(state), old))
     nnx.update(model, state)
     return model
+

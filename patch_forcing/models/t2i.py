@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from patch_forcing import presets
 from patch_forcing.flow.interpolant import patchify, unpatchify
 from patch_forcing.models import hdit_layers as L
 from patch_forcing.models import layers
@@ -102,6 +103,11 @@ class T2IConfig:
         h, w = self.latent_size
         return (h // self.patch_size) * (w // self.patch_size)
 
+    # The names the train loop and samplers read from any model config (as DiTConfig's).
+    image_size = property(lambda self: self.latent_size)
+    in_channels = property(lambda self: self.in_dim)
+    per_patch = property(lambda self: True)  # one time per patch, always
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["latent_size"] = list(self.latent_size)
@@ -116,21 +122,13 @@ class T2IConfig:
         return cls(**d)
 
 
-_PRESETS = {
-    # configs/model/t2i-pft-1.2b.yaml (its experiment overrides in_dim=32 for the FLUX.2 VAE)
-    "pft_1p2b": dict(in_dim=4, depth=28, hidden_dim=1536, head_dim=96, mapping_dim=384,
-                     mapping_depth=2, patch_size=2, txt_in_dim=2048, txt_refiner_dim=1536,
-                     txt_refiner_head_dim=128, txt_refiner_depth=2, latent_size=32),
-    # for tests and CPU smoke runs
-    "tiny": dict(in_dim=3, depth=2, hidden_dim=32, head_dim=16, mapping_dim=16, mapping_depth=2,
-                 patch_size=2, txt_in_dim=12, txt_refiner_dim=24, txt_refiner_head_dim=8,
-                 txt_refiner_depth=2, latent_size=8),
-}
+_PRESETS = presets.T2I_PRESETS
 PRESETS = tuple(_PRESETS)
 
 
 def preset(name: str, **overrides) -> T2IConfig:
-    """'pft_1p2b' (the paper's 1.2B model) or 'tiny'; any T2IConfig field can be overridden."""
+    """'pft_1p2b' (the paper's 1.2B model), 'tiny' or 'digits' (presets.T2I_PRESETS); any
+    T2IConfig field can be overridden."""
     if name not in _PRESETS:
         raise ValueError(f"T2I preset={name!r} is not one of {list(PRESETS)}")
     allowed = [f.name for f in dataclasses.fields(T2IConfig)]
@@ -267,6 +265,32 @@ def load_state(model: T2ITransformer, state: dict) -> T2ITransformer:
     return layers.load_params(model, state, what=...)
 
 
+# ----------------------------------------------------------------------------- pure apply
+# The conditioning is one pytree, as class labels are for the DiT: {'text': (B, L, txt_in_dim),
+# 'text_mask': (B, L) bool} ('text_mask' may be absent: every text row is attended).
+
+
+def make_apply(graphdef, rest):
+    """apply(params, x, t, cond) -> (v, s): the model as a pure function of its nnx.Param state."""
+
+    def apply(params, x, t, cond):
+        return nnx.merge(graphdef, params, rest)(x, t, cond["text"], cond.get("text_mask"))
+
+    return apply
+
+
+def init(cfg: T2IConfig, key):
+    """A fresh model split as (graphdef, params, rest); rest holds the fixed RoPE/Fourier tables."""
+    return nnx.split(T2ITransformer(cfg, rngs=nnx.Rngs(key)), nnx.Param, ...)
+
+
+def from_params(cfg: T2IConfig, params: dict):
+    """(apply, params as nnx.State) for a pure nested dict of nnx.Param values (inference checkpoints)."""
+    model = layers.load_params(T2ITransformer(cfg, rngs=nnx.Rngs(0)), params)
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    return make_apply(graphdef, rest), state
+
+
 # ----------------------------------------------------------------------------- torch converter
 
 
@@ -315,4 +339,5 @@ def convert_torch_state_dict(state_dict: Mapping[str, np.ndarray], cfg: T2IConfi
 __all__ = [
     "T2IConfig", "T2ITransformer", "PRESETS", "preset", "canvas_positions", "crop_positions",
     "patch_positions", "param_count", "load_state", "convert_torch_state_dict", "FixedEmbedding",
+    "make_apply", "init", "from_params",
 ]

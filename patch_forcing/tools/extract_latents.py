@@ -1,16 +1,20 @@
-"""Encode an image dataset into SD-VAE latents (ArrayRecord shards, see `patch_forcing.data.latents`).
+"""Encode an image dataset into VAE latents (ArrayRecord shards, see `patch_forcing.data.latents`).
 
     python -m patch_forcing.tools.extract_latents --tfds=imagenet2012 \
         --tfds_manual_dir=/data/imagenet --out=/data/latents/train \
         --vae_path=/ckpt/sd-vae-ft-ema/diffusion_pytorch_model.safetensors
     python -m patch_forcing.tools.extract_latents --images=/data/folder --out=/data/lat
+    python -m patch_forcing.tools.extract_latents --images=/data/t2i --out=/data/t2i-lat \
+        --vae=flux2 --vae_path=/ckpt/FLUX.2-dev/vae --noflips --image_size=256
 
 Images: `--images` (one subfolder per class; labels are the sorted folder names) or
 `--tfds` (with `--tfds_manual_dir` holding ImageNet's tars). Each image is ADM centre-cropped
 (`center_crop_arr`) to --image_size, then the VAE encodes it and its horizontal mirror, in
-batches jitted over every local device (batch split over a 1-D mesh). `--pixels` also stores the
-cropped uint8 image in its record (+196 KB at 256 px), for REPA's on-the-fly DINOv2
-(`data.with_pixels=True`; the pipeline mirrors it with its latent).
+batches jitted over every local device (batch split over a 1-D mesh). `--vae=sd` (default) is
+SD's KL-VAE, scaled by its scale factor; `--vae=flux2` the FLUX.2 VAE of the text-to-image model
+(32 channels, the posterior mean batch-norm-normalised as the reference's; --mode=mean only).
+`--pixels` also stores the cropped uint8 image in its record (+196 KB at 256 px), for REPA's
+on-the-fly DINOv2 (`data.with_pixels=True`; the pipeline mirrors it with its latent).
 
 Resumable: shard i holds examples [i*K, (i+1)*K) and is built from its own batches, so a
 restarted run skips finished shards, discards a half-written `.tmp` and writes byte-identical
@@ -46,6 +50,7 @@ from tqdm import tqdm
 
 from patch_forcing import cluster, paths, sharding
 from patch_forcing.data import latents
+from patch_forcing.models import flux2_vae
 from patch_forcing.models import vae as vae_lib
 from patch_forcing.tools import cli
 
@@ -140,10 +145,13 @@ class TfdsImages:
 def _encode_batch(graphdef, state, x, index, key, mode: str, flips: bool):
     """x uint8 (B, S, S, 3) -> (B, 2, h, w, c') with flips else (B, h, w, c'); c' = 2c for moments."""
     vae = nnx.merge(graphdef, state)
-    s = vae.config.scale_factor
     x = x.astype(jnp.float32) / 127.5 - 1.0
     if flips:  # interleave (image, mirror) per example: each device keeps its own pairs
         x = jnp.stack([x, x[:, :, ::-1]], axis=1).reshape(-1, *x.shape[1:])
+    if isinstance(vae, flux2_vae.Flux2AutoencoderKL):  # the normalised posterior mean
+        out = vae.encode(x)
+        return out.reshape(index.shape[0], 2, *out.shape[1:]) if flips else out
+    s = vae.config.scale_factor
     mean, logvar = vae.moments(x)  # (B', h, w, c)
     if mode == "mean":
         out = mean * s
@@ -226,8 +234,8 @@ def _plan(source, vae, vae_name: str, opt: Options) -> dict[str, Any]:
     n = len(source)
     meta = {"format_version": latents.FORMAT_VERSION, "num_examples": n, "num_shards": max(1, -(-n // opt.shard_size)),
             "shard_size": opt.shard_size, "latent_shape": shape, "record_shape": ([2] if opt.flips else []) + rec,
-            "dtype": opt.dtype, "scale_factor": cfg.scale_factor, "flips": opt.flips, "pixels": opt.pixels,
-            "mode": opt.mode,
+            "dtype": opt.dtype, "scale_factor": getattr(cfg, "scale_factor", 1.0), "flips": opt.flips,
+            "pixels": opt.pixels, "mode": opt.mode,
             "seed": opt.seed, "image_size": opt.image_size,
             "vae": {"name": vae_name, "config": dataclasses.asdict(cfg)}, "source": source.description,
             "classes": list(getattr(source, "classes", [])), "shards": []}
@@ -288,6 +296,9 @@ def extract(source, out: str, vae, vae_name: str = "", options: Options = Option
     processes each takes every process_count-th shard. Returns the metadata."""
     devices = jax.local_devices()
     options.check(len(devices))
+    if isinstance(vae, flux2_vae.Flux2AutoencoderKL) and options.mode != "mean":
+        raise ValueError(f"--mode={options.mode!r} with --vae=flux2: the FLUX.2 latents are the normalised "
+                         "posterior mean; use --mode=mean")
     host, hosts = jax.process_index(), jax.process_count()
     paths.path(out).mkdir(parents=True, exist_ok=True)
     meta = _plan(source, vae, vae_name, options)
@@ -357,6 +368,8 @@ flags.DEFINE_string("out", None, "Output latent directory (resumed if it exists)
 flags.DEFINE_string("vae_path", None, "diffusion_pytorch_model.safetensors or its folder (default: env "
                     "PF_VAE_WEIGHTS, else the Hugging Face hub).", flag_values=FLAGS)
 flags.DEFINE_string("vae_repo", vae_lib.DEFAULT_REPO, "Hugging Face repo of the VAE.", flag_values=FLAGS)
+flags.DEFINE_enum("vae", "sd", ["sd", "flux2"], "SD's KL-VAE, or FLUX.2's (needs --vae_path, a local folder).",
+                  flag_values=FLAGS)
 flags.DEFINE_integer("image_size", _D.image_size, "Centre-crop size.", flag_values=FLAGS)
 flags.DEFINE_integer("shard_size", _D.shard_size, "Examples per shard.", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", _D.batch_size, "Images per step (x2 with flips).", flag_values=FLAGS)
@@ -382,7 +395,12 @@ def main(argv) -> dict[str, Any]:
     cluster.initialize_from_flags(f)
     source = ImageFolder(f.images) if f.images else TfdsImages(f.tfds, f.split, f.tfds_data_dir,
                                                                f.tfds_manual_dir)
-    vae = vae_lib.load_vae(f.vae_repo, local_path=f.vae_path)
+    if f.vae == "flux2":
+        if not f.vae_path:
+            raise ValueError(f"--vae=flux2 needs --vae_path (a local folder); {flux2_vae._GET_WEIGHTS}")
+        vae = flux2_vae.load_flux2_vae(f.vae_path)
+    else:
+        vae = vae_lib.load_vae(f.vae_repo, local_path=f.vae_path)
     opt = Options(image_size=f.image_size, shard_size=f.shard_size, batch_size=f.batch_size, mode=f.mode,
                   dtype=f.dtype, flips=f.flips, pixels=f.pixels, seed=f.seed, workers=f.workers,
                   max_shards=f.max_shards, progress=f.progress)

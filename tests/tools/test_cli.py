@@ -2,9 +2,10 @@
 
 import pytest
 
-from patch_forcing.tools import convert, extract_latents, train_classifier
+from patch_forcing.tools import convert, extract_latents, extract_text, train_classifier
 
-TOOLS = [(convert, "--ckpt"), (extract_latents, "--images"), (train_classifier, "--workdir")]
+TOOLS = [(convert, "--ckpt"), (extract_latents, "--images"), (extract_text, "--captions"),
+         (train_classifier, "--workdir")]
 
 
 @pytest.mark.parametrize("tool,flag", TOOLS)
