@@ -28,7 +28,7 @@ OPTIONS = ("global", "smoke")
 
 def model_block(preset_name: str, **overrides) -> ml_collections.ConfigDict:
     """All T2IConfig fields of a preset, spelled out so each can be overridden."""
-    fields = dict(presets.T2I_PRESETS[preset_name], dtype="float32", attention_impl="", **overrides)
+    fields = {**presets.T2I_PRESETS[preset_name], "dtype": "float32", "attention_impl": "", **overrides}
     size = fields["latent_size"]
     fields["latent_size"] = (size, size) if isinstance(size, int) else tuple(size)
     return ml_collections.ConfigDict({"family": "t2i", "preset": preset_name, **fields})
@@ -44,9 +44,10 @@ def text_block(**overrides) -> ml_collections.ConfigDict:
         dropout=0.1,  # caption dropout to the empty prompt (CFG)
         width=32, layers=2, seed=0,  # the random encoder
         dtype="float32",
-        **overrides,
-    ))
+    ) | overrides)
 
+
+PRESETS = tuple(n + o for n in NAMES for o in ("", ",global", ",smoke", ",global,smoke"))
 
 def get_config(arg: str = "digits"):
     parts = [a for a in (arg or "digits").split(",") if a]
@@ -94,7 +95,7 @@ def _digits():
 def _pft_1p2b():
     c = common.base_config()
     c.data.name, c.data.data_dir, c.data.text_dir = "latents", "", ""
-    c.data.split_train, c.data.split_eval = "train", "train[-1024:]"
+    c.data.split_train, c.data.split_eval = "train", "validation"  # a latent + text folder each
     c.data.image_size, c.data.channels = (32, 32), 32  # FLUX.2 latents of 256 px images
     c.data.hflip = False
     c.data.batch_size = 32 * 8  # 32 per GPU (the reference), here for one 8-GPU node

@@ -155,7 +155,7 @@ def validate(config, mode: str = "train") -> None:
     _require(config.checkpoint.keep >= 1, f"config.checkpoint.keep must be >= 1, got {config.checkpoint.keep}")
     pipeline.check_config(d)
     check_repa(config, mode)
-    if "eval" in config:
+    if "eval" in config and model_family(config).name == "dit":  # FID; text models: prompt accuracy
         check_eval(config.eval)
         _require(not (d.name == "latents" and config.eval.reference == "data"),
                  "config.eval.reference='data' needs pixel data, not config.data.name='latents': give a reference "

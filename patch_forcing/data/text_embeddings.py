@@ -13,14 +13,15 @@ differ per prompt, so it stores them all).
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Any, Mapping
 
 import grain
 import msgpack
 import numpy as np
 
+from patch_forcing import paths
 from patch_forcing.data import latents
 
 FORMAT_VERSION = 1
@@ -74,32 +75,33 @@ def write_metadata(directory: str, meta: Mapping[str, Any]) -> None:
          "max_length": L, "dim": D, "dtype": "float16", "trim": false, "encoder": ..., "tokenizer": ...,
          "captions": {...}, "null": "null.npz", "shards": [{"name", "num_examples", "sha256"}]}
     """
-    latents._atomic_write(os.path.join(directory, METADATA), (json.dumps(meta, indent=1) + "\n").encode())
+    paths.atomic_write(paths.path(directory) / METADATA, (json.dumps(meta, indent=1) + "\n").encode())
 
 
 def read_metadata(directory: str) -> dict[str, Any]:
-    path = os.path.join(directory, METADATA)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"text directory {directory!r} has no {METADATA}; "
+    path = paths.path(directory) / METADATA
+    if not path.is_file():
+        raise FileNotFoundError(f"text directory {str(directory)!r} has no {METADATA}; "
                                 "make one with `python -m patch_forcing.tools.extract_text`")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") != "text":
         raise ValueError(f"{path}: not a text-embedding directory of format_version {FORMAT_VERSION}")
     return meta
 
 
 def write_null(directory: str, text: np.ndarray, mask: np.ndarray) -> None:
-    np.savez(os.path.join(directory, NULL_FILE), text=np.asarray(text, np.float32), text_mask=np.asarray(mask, bool))
+    buf = io.BytesIO()
+    np.savez(buf, text=np.asarray(text, np.float32), text_mask=np.asarray(mask, bool))
+    paths.atomic_write(paths.path(directory) / NULL_FILE, buf.getvalue())
 
 
 def read_null(directory: str) -> dict[str, np.ndarray]:
     """The empty prompt's {'text': (L, D) float32, 'text_mask': (L,) bool}."""
-    path = os.path.join(directory, NULL_FILE)
-    if not os.path.isfile(path):
+    path = paths.path(directory) / NULL_FILE
+    if not path.is_file():
         raise FileNotFoundError(f"text directory {directory!r} has no {NULL_FILE} (the empty prompt's embedding); "
                                 "rerun `python -m patch_forcing.tools.extract_text` with the same --out")
-    with np.load(path) as f:
+    with np.load(io.BytesIO(path.read_bytes())) as f:
         return {"text": f["text"], "text_mask": f["text_mask"]}
 
 
@@ -113,7 +115,7 @@ class TextSource:
         if names != [shard_name(i, n) for i in range(n)]:
             raise ValueError(f"text directory {directory!r} is incomplete: {len(names)} of {n} shards finished; "
                              "rerun extract_text with the same --out to resume")
-        self._source = grain.sources.ArrayRecordDataSource([os.path.join(directory, s) for s in names])
+        self._source = grain.sources.ArrayRecordDataSource([paths.native(paths.path(directory) / s) for s in names])
         if len(self._source) != meta["num_examples"]:
             raise ValueError(f"text shards in {directory!r} hold {len(self._source)} records, {METADATA} says "
                              f"{meta['num_examples']}")
