@@ -37,6 +37,22 @@ def get_config(arg: str = ""):
         c.log.every_steps = c.log.eval_every_steps = c.log.sample_every_steps = 2
         c.log.num_samples, c.log.num_eval_examples = 8, 16
         c.sampler.steps = 4
+    elif arg == "study_cpu":
+        _study_cpu(c)
     elif arg:
-        raise ValueError(f"configs/mnist.py argument {arg!r} is not one of ['', 'smoke']")
+        raise ValueError(f"configs/mnist.py argument {arg!r} is not one of ['', 'smoke', 'study_cpu']")
     return c
+
+
+def _study_cpu(c):
+    """python -m patch_forcing.study on this 2-core CPU: 64 tokens (p = 4 on 32x32), a 0.33M DiT."""
+    c.model = common.model_block("PF-Tiny/4", image_size=32, in_channels=1, num_classes=10,
+                                 hidden_size=64, depth=4, num_heads=4)
+    c.data.batch_size = 64
+    c.optim.lr, c.optim.warmup_steps = 1e-3, 100
+    c.ema.decay = 0.995
+    c.train.num_steps = 600
+    c.checkpoint.every_steps = 200
+    c.log.every_steps, c.log.eval_every_steps, c.log.sample_every_steps = 50, 600, 600
+    c.log.num_eval_examples = 256
+    c.study.num_samples, c.study.budgets = 1000, (9, 21, 42)
