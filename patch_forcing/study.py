@@ -6,10 +6,10 @@
       --config.data.data_dir=../shared/data/mnist
 
 Studies: timesteps (training timestep samplers), samplers (FID vs NFE at equal budgets), difficulty
-(does the head predict the per-patch error), context (the "context helps" curve); `all` runs them in
-that order. Runs live in <workdir>/runs/<variant>-seed<k> and are shared by the studies of one
-workdir; rerunning the same command resumes a killed study without redoing finished runs or
-evaluations. Writes <workdir>/<study>/{report.md, results.json, *.png} and the index
+(does the head predict the per-patch error), context (the "context helps" curve); a comma list runs
+several, `all` the four in that order. Runs live in <workdir>/runs/<variant>-seed<k>, shared by the
+studies of one workdir; rerunning the same command resumes a killed study without redoing finished
+runs or evaluations. Writes <workdir>/<study>/{report.md, results.json, *.png} and the index
 <workdir>/report.md. Sizes (seeds, N, NFE budgets, ...) are the config's `study` block.
 """
 
@@ -35,7 +35,8 @@ TITLES = {"timesteps": "training timestep samplers", "samplers": "samplers at eq
 FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file("config", None, "Config file (a .py with get_config()); its `study` block sizes the "
                                 "study.", flag_values=FLAGS, lock_config=False)
-flags.DEFINE_enum("study", None, [*STUDIES, "all"], "Which study to run (all: the four in order).", flag_values=FLAGS)
+flags.DEFINE_list("study", None, f"Studies to run, in order: some of {list(STUDIES)}, or all (the four).",
+                  flag_values=FLAGS)
 flags.DEFINE_string("workdir", None, "Study directory: runs/, one folder per study, report.md.", flag_values=FLAGS)
 flags.DEFINE_integer("seeds", None, "Seeds per variant (default: config.study.seeds).", flag_values=FLAGS)
 flags.DEFINE_list("only", [], "Run only these timesteps variants / samplers (default: all of them).",
@@ -70,7 +71,10 @@ def main(argv):
     if not jax.config.jax_compilation_cache_dir:  # runs of other seeds compile the same programs
         jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    names = list(STUDIES) if FLAGS.study == "all" else [FLAGS.study]
+    names = list(STUDIES) if FLAGS.study == ["all"] else FLAGS.study
+    unknown = [n for n in names if n not in STUDIES]
+    if unknown:
+        raise SystemExit(f"--study={','.join(FLAGS.study)}: {unknown} are not studies; allowed: {[*STUDIES, 'all']}")
     config_name = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
     for name in names:
         run_study(name, FLAGS.config, FLAGS.workdir, FLAGS.seeds, FLAGS.only if name in ("timesteps", "samplers")

@@ -49,7 +49,8 @@ def header(title: str, study, results: dict) -> str:
              f"{results['wall_seconds'] / 60:.1f} min (summed over resumed invocations).", ""]
     if p:
         lines += [f"FID protocol: N = {p['num_samples']} samples per run and seed, features of "
-                  f"`{p['feature_network']}` (this project's classifier, test accuracy {p['classifier_accuracy']:.3f}), "
+                  f"`{p['feature_network']}` (this project's classifier, test accuracy "
+                  f"{p['classifier_accuracy']:.3f}), "
                   f"reference = all {p['reference_count']} images of `{p['reference_split']}`; the noise-floor row "
                   f"scores N real held-out images of `{p['heldout_split']}` ({p['heldout_count']}) the same way. "
                   "Precision/recall: k = 3 nearest neighbours. " + RULE, ""]

@@ -142,7 +142,8 @@ class Study:
         """Append to <workdir>/ledger.jsonl: the wall time of every run and evaluation, so a
         study interrupted and resumed still reports its total."""
         with (self.workdir / "ledger.jsonl").open("a") as f:
-            f.write(json.dumps({"study": study, "what": what, "seconds": round(seconds, 2), "time": time.time()}) + "\n")
+            row = {"study": study, "what": what, "seconds": round(seconds, 2), "time": time.time()}
+            f.write(json.dumps(row) + "\n")
 
     def seconds(self, study: str | None = None) -> float:
         path = self.workdir / "ledger.jsonl"

@@ -36,7 +36,8 @@ def base_sampler(study: Study, name: str) -> samplers_lib.SamplerConfig:
 
 def steps_for_budget(base: samplers_lib.SamplerConfig, budget: int) -> int:
     """The steps at which `base` spends exactly `budget` NFE; a one-line ValueError when none does."""
-    nfe = {s: samplers_lib.expected_nfe(samplers_lib.as_sampler_config(base, steps=s)) for s in range(1, 2 * budget + 2)}
+    nfe = {s: samplers_lib.expected_nfe(samplers_lib.as_sampler_config(base, steps=s))
+           for s in range(1, 2 * budget + 2)}
     exact = [s for s, n in nfe.items() if n == budget]
     if exact:
         return exact[0]
@@ -65,7 +66,8 @@ def run(study: Study, only=()) -> dict:
             recs = [study.evaluate(variant, s, sampler, "samplers") for s in study.seeds]
             reported = {r["protocol"]["nfe"] for r in recs}
             if reported != {b}:
-                raise RuntimeError(f"{name} at budget {b} reported NFE {sorted(reported)}: the equal-NFE bookkeeping is broken")
+                raise RuntimeError(f"{name} at budget {b} reported NFE {sorted(reported)}: the equal-NFE "
+                                   "bookkeeping is broken")
             points.append(dict(nfe=b, steps=plan[name, b], sampler=recs[0]["protocol"]["sampler"],
                                **{k: summarize([r.get(k) for r in recs]) for k in FID_METRICS}))
         rows.append(dict(name=name, model=variant.name, label=label, paper_fid=PAPER_FID[name], points=points))

@@ -79,8 +79,8 @@ def write_report(study: Study, results: dict) -> str:
         ["variant", "sampler", "NFE", "FID", "precision", "recall", "val loss", "paper FID-10k (B/2)"],
         [[r["label"], r["sampler"], r["nfe"], report.fmt(r["fid"]), report.fmt(r["precision"], 3),
           report.fmt(r["recall"], 3), report.fmt(r["val_loss"], 4), r["paper_fid"]] for r in rows]
-        + [["**noise floor** (real held-out)", "–", "–", report.fmt(floor["fid"]), report.fmt(floor["precision"], 3),
-            report.fmt(floor["recall"], 3), "–", "–"]])
+        + [["**noise floor** (real held-out)", "–", "–", report.fmt(floor["fid"]),
+            report.fmt(floor["precision"], 3), report.fmt(floor["recall"], 3), "–", "–"]])
     claims = [f"- {c['claim']}: **{c['verdict']}** (FID of {c['a']} vs {c['b']}: {c['direction']})"
               for c in results["claims"]]
     best = min((r for r in rows if r["fid"]["mean"] is not None), key=lambda r: r["fid"]["mean"], default=None)

@@ -3,12 +3,16 @@ predicts the squared error exactly, n/a for a constant one), equal-NFE bookkeepi
 spends exactly the budget it is given, or the budget is refused in one line), the comparison rule,
 context times, and the PIL fallback of the plots."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
+from configs import digits
+from patch_forcing import config_lib
 from patch_forcing.flow import interpolant
 from patch_forcing.flow import samplers as samplers_lib
 from patch_forcing.studies import context, difficulty, plots, report, runner, samplers
@@ -133,3 +137,25 @@ def test_plots_fall_back_to_pil(tmp_path):
     for name in ("b", "l", "s"):
         with Image.open(tmp_path / f"{name}.png") as im:
             assert im.size == (plots.W, plots.H) and len(set(im.convert("L").getdata())) > 2
+
+
+@pytest.mark.parametrize("name,arg", [("digits", ""), ("mnist", "study"), ("mnist", "study_cpu")])
+def test_study_presets_validate_and_their_budgets_are_met(name, arg):
+    c = importlib.import_module(f"configs.{name}").get_config(arg)
+    config_lib.validate(c)
+    runner.check_study(c.study)
+    for sampler in samplers.NAMES:
+        base = samplers_lib.as_sampler_config(c.sampler, name=sampler, n_inner=c.study.n_inner)
+        for budget in c.study.budgets:
+            samplers.steps_for_budget(base, budget)
+
+
+def test_bad_study_fields_fail_in_one_line():
+    c = digits.get_config()
+    c.study.budgets = ()
+    with pytest.raises(ValueError, match=r"^config.study.budgets=\(\) must be a non-empty tuple of ints >= 1$"):
+        runner.check_study(c.study)
+    c = digits.get_config()
+    c.study.context_ratios = (0.5,)
+    with pytest.raises(ValueError, match=r"^config.study.context_ratios=\(0.5,\) must be"):
+        runner.check_study(c.study)
