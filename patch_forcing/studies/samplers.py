@@ -56,14 +56,20 @@ def select(only):
 
 def run(study: Study, only=()) -> dict:
     entries, budgets = select(only), [int(b) for b in study.config.study.budgets]
-    plan = {(name, b): steps_for_budget(base_sampler(study, name), b) for name, _, _ in entries for b in budgets}
+    bases = {name: base_sampler(study, name) for name, _, _ in entries}
+    plan = {(name, b): steps_for_budget(bases[name], b) for name, _, _ in entries for b in budgets}
+
+    def sampler(name, b):
+        base = bases[name]
+        return dict(name=name, steps=plan[name, b], n_inner=base.n_inner, q=base.q, ratio=base.ratio)
+
+    recs_by = {(name, b, s): study.evaluate(variant, s, sampler(name, b), "samplers")
+               for s in study.seeds for name, variant, _ in entries for b in budgets}  # seed-major, as timesteps
     rows = []
     for name, variant, label in entries:
-        base = base_sampler(study, name)
         points = []
         for b in budgets:
-            sampler = dict(name=name, steps=plan[name, b], n_inner=base.n_inner, q=base.q, ratio=base.ratio)
-            recs = [study.evaluate(variant, s, sampler, "samplers") for s in study.seeds]
+            recs = [recs_by[name, b, s] for s in study.seeds]
             reported = {r["protocol"]["nfe"] for r in recs}
             if reported != {b}:
                 raise RuntimeError(f"{name} at budget {b} reported NFE {sorted(reported)}: the equal-NFE "

@@ -49,10 +49,12 @@ def select(only) -> tuple[Variant, ...]:
 
 def run(study: Study, only=()) -> dict:
     """Train and evaluate every variant x seed (skipping finished work); results as a dict."""
-    nfe = int(study.config.study.nfe)
+    nfe, variants = int(study.config.study.nfe), select(only)
+    by_seed = {(v.name, s): study.evaluate(v, s, sampler_for(v, nfe), "timesteps")
+               for s in study.seeds for v in variants}  # seed-major: --seeds=k reports the first k when cut short
     rows = []
-    for v in select(only):
-        recs = [study.evaluate(v, s, sampler_for(v, nfe), "timesteps") for s in study.seeds]
+    for v in variants:
+        recs = [by_seed[v.name, s] for s in study.seeds]
         val = [final_metric(study.run_dir(v, s), "val_loss") for s in study.seeds]
         rows.append(dict(name=v.name, label=v.label, sampler=recs[0]["protocol"]["sampler"],
                          nfe=recs[0]["protocol"]["nfe"], paper_fid=PAPER_FID.get(v.name, "–"),

@@ -4,6 +4,7 @@ what finished; a run trained under other fields is refused; --helpshort document
 
 import json
 
+import jax
 import pytest
 
 from configs import digits
@@ -18,7 +19,7 @@ PNGS = {"timesteps": ["fid_per_schedule.png"], "samplers": ["fid_vs_nfe.png"],
 
 def tiny_config():
     c = digits.get_config("smoke")
-    c.log.sample_every_steps = 8
+    c.log.eval_every_steps = c.log.sample_every_steps = c.checkpoint.every_steps = 8  # at the end only
     s = c.study
     s.seeds, s.num_samples, s.batch_size, s.nfe, s.budgets = 2, 32, 32, 9, (9,)  # samplers reuse the NFE-9 evals
     s.num_examples, s.difficulty_times, s.context_times, s.context_ratios = 32, (0.2, 0.6), (0.1,), (2.0,)
@@ -30,7 +31,18 @@ class Killed(Exception):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def compile_cache(tmp_path_factory):
+    """A persistent compile cache, as `python -m patch_forcing.study` sets: seed 1 reuses seed 0's programs."""
+    old = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, compile_cache):
     """The timesteps study (ltg, uniform x 2 seeds) killed when its third run starts, then resumed."""
     wd = str(tmp_path_factory.mktemp("study"))
     features.train_classifier(tiny_config().data, f"{wd}/classifier", steps=60, verbose=False)  # the protocol's
@@ -56,9 +68,9 @@ def workdir(tmp_path_factory):
 
 
 def test_killed_study_resumes_without_redoing_finished_runs(workdir):
-    assert [r.split("/")[-1] for r in workdir["first"]] == ["uniform-seed0", "uniform-seed1"]
-    assert sorted(r.split("/")[-1] for r in workdir["trained"]) == ["ltg-seed0", "ltg-seed1"]
-    assert sorted(r.split("/")[-1] for r in workdir["evaluated"]) == ["ltg-seed0", "ltg-seed1"]
+    assert [r.split("/")[-1] for r in workdir["first"]] == ["uniform-seed0", "ltg-seed0"]  # seed-major
+    assert [r.split("/")[-1] for r in workdir["trained"]] == ["uniform-seed1", "ltg-seed1"]
+    assert [r.split("/")[-1] for r in workdir["evaluated"]] == ["uniform-seed1", "ltg-seed1"]
 
 
 def _files(wd, name):
