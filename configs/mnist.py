@@ -80,5 +80,5 @@ def _study_cpu(c):
     c.checkpoint.every_steps = 350
     c.log.every_steps, c.log.eval_every_steps, c.log.sample_every_steps = 50, 700, 700
     c.log.num_eval_examples = 256
-    c.study.num_samples, c.study.budgets = 1000, (9, 21, 42)
+    c.study.num_samples, c.study.budgets = 1000, (9, 21)
     c.data.source = "idx"  # the IDX files: no tfds, no TensorFlow import

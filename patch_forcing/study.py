@@ -39,8 +39,8 @@ flags.DEFINE_list("study", None, f"Studies to run, in order: some of {list(STUDI
                   flag_values=FLAGS)
 flags.DEFINE_string("workdir", None, "Study directory: runs/, one folder per study, report.md.", flag_values=FLAGS)
 flags.DEFINE_integer("seeds", None, "Seeds per variant (default: config.study.seeds).", flag_values=FLAGS)
-flags.DEFINE_list("only", [], "Run only these timesteps variants / samplers (default: all of them).",
-                  flag_values=FLAGS)
+flags.DEFINE_list("only", [], "Timesteps variants and/or samplers to run; a study none of whose own names "
+                  "are listed runs all of them.", flag_values=FLAGS)
 flags.mark_flags_as_required(["config", "study", "workdir"], flag_values=FLAGS)
 
 
@@ -68,17 +68,23 @@ def _quiet_orbax(record) -> bool:
 def main(argv):
     cli.parse(FLAGS, argv, __doc__)
     logging.get_absl_handler().addFilter(_quiet_orbax)
-    if not jax.config.jax_compilation_cache_dir:  # runs of other seeds compile the same programs
-        jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, "jax_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     names = list(STUDIES) if FLAGS.study == ["all"] else FLAGS.study
     unknown = [n for n in names if n not in STUDIES]
     if unknown:
-        raise SystemExit(f"--study={','.join(FLAGS.study)}: {unknown} are not studies; allowed: {[*STUDIES, 'all']}")
+        raise SystemExit(f"--study={','.join(FLAGS.study)}: {unknown} are not studies; allowed: "
+                         f"{[*STUDIES, 'all']}")
+    own = {"timesteps": set(timesteps.BY_NAME), "samplers": set(samplers.NAMES)}
+    stray = sorted(set(FLAGS.only) - own["timesteps"] - own["samplers"])
+    if stray:
+        raise SystemExit(f"--only: {stray} are neither timesteps variants {sorted(own['timesteps'])} nor "
+                         f"samplers {list(samplers.NAMES)}")
+    if not jax.config.jax_compilation_cache_dir:  # runs of other seeds compile the same programs
+        jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     config_name = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
     for name in names:
-        run_study(name, FLAGS.config, FLAGS.workdir, FLAGS.seeds, FLAGS.only if name in ("timesteps", "samplers")
-                  else (), config_name)
+        only = [n for n in FLAGS.only if n in own.get(name, ())]
+        run_study(name, FLAGS.config, FLAGS.workdir, FLAGS.seeds, only, config_name)
 
 
 if __name__ == "__main__":

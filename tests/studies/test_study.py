@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from configs import digits
+from tests import REPO
 from patch_forcing import study as study_main
 from patch_forcing.evaluation import features
 from patch_forcing.studies import runner, timesteps
@@ -136,3 +137,8 @@ def test_helpshort_documents_every_flag(capsys):
         assert flag in out
     with pytest.raises(ValueError, match=r"--only=foo: \['foo'\] are not timesteps variants"):
         timesteps.select(["foo"])
+    argv = ["study", f"--config={REPO / 'configs/digits.py'}", "--workdir=/nonexistent"]
+    with pytest.raises(SystemExit, match=r"--study=timesteps,bogus: \['bogus'\] are not studies"):
+        study_main.main([*argv, "--study=timesteps,bogus"])
+    with pytest.raises(SystemExit, match=r"--only: \['foo'\] are neither timesteps variants"):
+        study_main.main([*argv, "--study=all", "--only=ltg,euler,foo"])
