@@ -57,6 +57,19 @@ def header(title: str, study, results: dict) -> str:
     return "\n".join(lines)
 
 
+def floor_note(fids: list[dict], floor: dict) -> str:
+    """Whether the noise floor leaves room to tell these FIDs (summaries) apart, in one sentence."""
+    means = [f["mean"] for f in fids if f["mean"] is not None]
+    spreads = [f["std"] for f in fids if f["std"] is not None]
+    if not means or floor["mean"] is None:
+        return ""
+    gap, spread = min(means) - floor["mean"], max(spreads) if spreads else float("nan")
+    verdict = ("the protocol resolves differences larger than that spread" if gap > spread else
+               "the results are within the protocol's noise of real data")
+    return (f"Noise floor FID {fmt(floor)}: the best result sits {gap:.2f} above it, the FIDs span "
+            f"{max(means) - min(means):.2f}, and the largest spread over seeds is {spread:.2f}; {verdict}.")
+
+
 def write(workdir, name: str, markdown: str, results: dict) -> epath.Path:
     """<workdir>/<name>/report.md and results.json, then the index <workdir>/report.md."""
     workdir = epath.Path(workdir)

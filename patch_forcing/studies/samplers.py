@@ -83,7 +83,8 @@ def run(study: Study, only=()) -> dict:
         if a in by and b in by:
             for nfe in budgets:
                 d = compare(by[a][nfe]["fid"], by[b][nfe]["fid"])
-                claims.append(dict(a=a, b=b, nfe=nfe, direction=d, verdict=report.verdict(d, "lower")))
+                claims.append(dict(a=a, b=b, nfe=nfe, direction=d, verdict=report.verdict(d, "lower"),
+                                   fid_a=by[a][nfe]["fid"], fid_b=by[b][nfe]["fid"]))
     return dict(budgets=budgets, n_inner=int(study.config.study.n_inner), samplers=rows,
                 noise_floor=study.noise_floor_summary(), claims=claims)
 
@@ -105,12 +106,13 @@ def write_report(study: Study, results: dict) -> str:
         [[r["label"], *[f"{report.fmt(p['precision'], 3)} / {report.fmt(p['recall'], 3)}" for p in r["points"]]]
          for r in rows])
     steps = "; ".join(f"{r['name']} " + "/".join(str(p["steps"]) for p in r["points"]) for r in rows)
-    claims = [f"- NFE {c['nfe']}: {c['a']} vs {c['b']}: **{c['verdict']}** (FID of {c['a']}: {c['direction']})"
-              for c in results["claims"]]
+    claims = [f"- NFE {c['nfe']}: {c['a']} < {c['b']}: **{c['verdict']}** (FID {report.fmt(c['fid_a'])} vs "
+              f"{report.fmt(c['fid_b'])})" for c in results["claims"]]
     return "\n".join([
         report.header("samplers at equal NFE (`samplers`)", study, results),
         f"Steps per budget ({', '.join(map(str, budgets))} NFE, q and ratio from config.sampler, n_inner "
         f"{results['n_inner']}): {steps}. Every evaluation reported exactly its budget's NFE.", "",
         fid_table, "", "Precision / recall:", "", pr_table, "", "![FID vs NFE](fid_vs_nfe.png)", "",
+        report.floor_note([p["fid"] for r in rows for p in r["points"]], floor["fid"]), "",
         "The paper's ordering (look_ahead < dual_loop < euler_pf < random_order; PF euler_pf < SiT euler), "
         "claim by claim:", *claims])

@@ -65,7 +65,8 @@ def run(study: Study, only=()) -> dict:
     for a, b, expected, text in CLAIMS:
         if a in by and b in by:
             d = compare(by[a]["fid"], by[b]["fid"])
-            claims.append(dict(claim=text, a=a, b=b, direction=d, verdict=report.verdict(d, expected)))
+            claims.append(dict(claim=text, a=a, b=b, direction=d, verdict=report.verdict(d, expected),
+                               fid_a=by[a]["fid"], fid_b=by[b]["fid"]))
     return dict(nfe=nfe, variants=rows, noise_floor=floor, claims=claims)
 
 
@@ -83,24 +84,12 @@ def write_report(study: Study, results: dict) -> str:
           report.fmt(r["recall"], 3), report.fmt(r["val_loss"], 4), r["paper_fid"]] for r in rows]
         + [["**noise floor** (real held-out)", "–", "–", report.fmt(floor["fid"]),
             report.fmt(floor["precision"], 3), report.fmt(floor["recall"], 3), "–", "–"]])
-    claims = [f"- {c['claim']}: **{c['verdict']}** (FID of {c['a']} vs {c['b']}: {c['direction']})"
-              for c in results["claims"]]
+    claims = [f"- {c['claim']}: **{c['verdict']}** (FID {c['a']} {report.fmt(c['fid_a'])} vs {c['b']} "
+              f"{report.fmt(c['fid_b'])})" for c in results["claims"]]
     best = min((r for r in rows if r["fid"]["mean"] is not None), key=lambda r: r["fid"]["mean"], default=None)
-    floor_note = _floor_note(rows, floor)
+    floor_note = report.floor_note([r["fid"] for r in rows], floor["fid"])
     return "\n".join([report.header("training timestep samplers (`timesteps`)", study, results), table, "",
                       "![FID per schedule](fid_per_schedule.png)", "",
                       f"Lowest mean FID: {best['label'] if best else 'n/a'}. {floor_note}", "",
                       "The paper's claims (SPEC §7):", *claims])
 
-
-def _floor_note(rows, floor) -> str:
-    spreads = [r["fid"]["std"] for r in rows if r["fid"]["std"] is not None]
-    fids = [r["fid"]["mean"] for r in rows if r["fid"]["mean"] is not None]
-    if not fids or floor["fid"]["mean"] is None:
-        return ""
-    gap = min(fids) - floor["fid"]["mean"]
-    spread = max(spreads) if spreads else float("nan")
-    return (f"Noise floor FID {report.fmt(floor['fid'])}: the best variant sits {gap:.2f} above it, the FIDs span "
-            f"{max(fids) - min(fids):.2f}, and the largest spread over seeds is {spread:.2f}; "
-            + ("the protocol resolves differences larger than that spread." if gap > spread else
-               "the variants are within the protocol's noise of real data."))
