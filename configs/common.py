@@ -42,6 +42,25 @@ def repa_block(encoder_depth: int = 0, **overrides) -> ml_collections.ConfigDict
                                           **overrides))
 
 
+def study_block() -> ml_collections.ConfigDict:
+    """python -m patch_forcing.study (patch_forcing/studies/): every variant and seed is an
+    ordinary run of this config; these fields size the study and its FID protocol."""
+    return ml_collections.ConfigDict(dict(
+        seeds=3,  # training (and sampling) seeds per variant: tables give mean +- std over them
+        train_steps=0,  # steps of every study run (0: train.num_steps)
+        num_samples=1_000,  # FID N of the samples and of the noise-floor row (<= held-out size)
+        batch_size=256,  # global sampling batch of the FID evaluations
+        reference_split="",  # FID reference statistics: '' = data.split_train (all of it)
+        nfe=21,  # timesteps: sampling NFE (euler / euler_pf) of every variant
+        budgets=(9, 21, 42, 81),  # samplers: NFE budgets, met exactly by every sampler or refused
+        n_inner=3,  # samplers: dual_loop / random_order sub-steps (3 meets ~10/20/40/80 exactly)
+        num_examples=512,  # difficulty, context: held-out images (from data.split_eval)
+        difficulty_times=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+        context_times=(0.1, 0.2, 0.3),
+        context_ratios=(1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0),  # t_ctx = ratio * t (< 1), and t_ctx = 1
+    ))
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -86,4 +105,5 @@ def base_config() -> ml_collections.ConfigDict:
         num_images=64, batch_size=64, classes=(), checkpoint="", num_difficulty_rows=4, vae="",
     ))
     c.eval = eval_block()
+    c.study = study_block()
     return c

@@ -33,8 +33,14 @@ ALLOWED = {
                                  "patch_forcing.config_lib", "patch_forcing.data", "patch_forcing.flow",
                                  "patch_forcing.models", "patch_forcing.pictures", "patch_forcing.sharding",
                                  "patch_forcing.paths"},
+    "patch_forcing.studies": {"patch_forcing.checkpoint", "patch_forcing.config_lib", "patch_forcing.data",
+                              "patch_forcing.evaluation", "patch_forcing.flow", "patch_forcing.models",
+                              "patch_forcing.pictures", "patch_forcing.presets", "patch_forcing.sharding",
+                              "patch_forcing.train"},
 }
-NEVER_IMPORTED = ("patch_forcing.main", "patch_forcing.tools")  # entry points: nothing below imports them
+NEVER_IMPORTED = ("patch_forcing.main", "patch_forcing.tools", "patch_forcing.study")  # entry points
+# Orchestration above the modes: only its entry point (and itself) imports it.
+ONLY_FROM = {"patch_forcing.studies": ("patch_forcing.study", "patch_forcing.studies")}
 
 
 def module_name(path) -> str:
@@ -118,6 +124,10 @@ def _allowed(module: str) -> set[str] | None:
     return None
 
 
+def _under(module: str, prefixes) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
 def _within(dep: str, allowed: set[str]) -> bool:
     return dep == "patch_forcing" or any(dep == a or dep.startswith(a + ".") for a in allowed)
 
@@ -127,8 +137,11 @@ def test_arrows_point_down():
     for module, deps in import_graph().items():
         allowed = _allowed(module)
         for dep in deps:
-            if dep.startswith(NEVER_IMPORTED) and not module.startswith("patch_forcing.tools"):
+            entry = module == "patch_forcing.study" or _under(module, ("patch_forcing.tools",))  # may use tools.cli
+            if _under(dep, NEVER_IMPORTED) and not entry:
                 bad.append(f"{module} -> {dep} (an entry point)")
+            elif any(_under(dep, (p,)) and not _under(module, ok) for p, ok in ONLY_FROM.items()):
+                bad.append(f"{module} -> {dep} (only its entry point imports it)")
             elif allowed is not None and not _within(dep, allowed):
                 bad.append(f"{module} -> {dep}")
     assert not bad, bad

@@ -17,6 +17,7 @@ import math
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
@@ -43,13 +44,16 @@ def _decoder(config):
 
 def make_generator(apply_fn, scfg, fnet: FeatureNetwork, image_shape, num_classes: int, seed: int,
                    decode=None):
-    """jit(gen(params, aux, idx (B,) global sample indices, batch) -> (images uint8, labels,
-    features dict, nfe)), aux = {'features': feature params, 'vae': decoder params or None}.
-    Noise and label of sample i come from fold_in(key(seed), i)."""
+    """gen(params, aux, idx (B,) global sample indices, batch) -> (images uint8, labels, features
+    dict, nfe), jitted; aux = {'features': feature params, 'vae': decoder params or None}.
+    Noise and label of sample i come from fold_in(key(seed), i). The keys are arguments of the
+    compiled program, not constants in it, so other seeds reuse it (persistent compile cache)."""
     base = jax.random.key(seed)
-    k_noise, k_label, k_sampler = (jax.random.fold_in(base, i) for i in (1, 2, 3))
+    keys = np.asarray(jax.random.key_data(jnp.stack([jax.random.fold_in(base, i) for i in (1, 2, 3)])))
 
-    def gen(params, aux, idx, batch):
+    @jax.jit
+    def gen_with_keys(params, aux, idx, batch, keys):
+        k_noise, k_label, k_sampler = jax.random.wrap_key_data(keys)
         noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k_noise, i), tuple(image_shape)))(idx)
         labels = jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(k_label, i), (), 0, num_classes))(idx)
         model_fn = lambda x, t, y: apply_fn(params, x, t, y)  # noqa: E731
@@ -59,7 +63,7 @@ def make_generator(apply_fn, scfg, fnet: FeatureNetwork, image_shape, num_classe
         images = pictures.to_uint8(x)
         return images, labels, fnet.apply(aux["features"], images), info["nfe"]
 
-    return jax.jit(gen)
+    return lambda params, aux, idx, batch: gen_with_keys(params, aux, idx, batch, keys)
 
 
 def global_batch_size(requested: int, num: int, num_devices: int) -> int:
