@@ -25,7 +25,7 @@ from absl import logging
 from etils import epath
 from tqdm import tqdm
 
-from patch_forcing import checkpoint, config_lib, pictures, sharding
+from patch_forcing import UserError, checkpoint, config_lib, pictures, sharding
 from patch_forcing.data import captioned, pipeline
 from patch_forcing.flow import samplers
 from patch_forcing.models import decoders, vae
@@ -36,7 +36,7 @@ def class_labels(config, num: int, num_classes: int, key) -> np.ndarray:
     classes = tuple(config.sample.classes)
     bad = [c for c in classes if not 0 <= int(c) < num_classes]
     if bad:
-        raise ValueError(f"config.sample.classes has {bad}; classes must be in [0, {num_classes})")
+        raise UserError(f"config.sample.classes has {bad}; classes must be in [0, {num_classes})")
     if classes:
         return np.resize(np.asarray(classes, np.int32), num)
     return np.asarray(jax.random.randint(key, (num,), 0, num_classes), np.int32)
@@ -107,12 +107,12 @@ def prompt_list(config) -> list[str]:
         lines = [ln.strip() for ln in epath.Path(s.prompts_file).read_text().splitlines()]
         prompts = [ln for ln in lines if ln]
         if not prompts:
-            raise ValueError(f"config.sample.prompts_file={s.prompts_file!r} holds no prompt (one per line)")
+            raise UserError(f"config.sample.prompts_file={s.prompts_file!r} holds no prompt (one per line)")
         return prompts
     if config.data.name == "captioned_digits":
         source = captioned.CaptionedDigits(pipeline.parse_split(config.data.split_eval)[0])
         return [source.caption(i) for i in range(max(1, int(s.num_images) // int(s.images_per_prompt)))]
-    raise ValueError("text-to-image sampling needs config.sample.prompt or config.sample.prompts_file")
+    raise UserError("text-to-image sampling needs config.sample.prompt or config.sample.prompts_file")
 
 
 def sample_prompts(config, workdir, mcfg, apply, params) -> epath.Path:

@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from patch_forcing import sharding
+from patch_forcing import UserError, sharding
 from patch_forcing.data import pipeline
 from patch_forcing.models import classifier, inception
 
@@ -70,7 +70,7 @@ def feature_network(config, workdir) -> FeatureNetwork:
         return FeatureNetwork(inception.network_name("adm"), _inception_apply, params, None)
     if spec.startswith("classifier:"):
         return load_classifier(spec.split(":", 1)[1])
-    raise ValueError(f"config.eval.feature_network={spec!r} is not one of {SPECS}")
+    raise UserError(f"config.eval.feature_network={spec!r} is not one of {SPECS}")
 
 
 def _auto(config, workdir) -> str:

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from patch_forcing import checkpoint, config_lib, pictures, sharding
+from patch_forcing import UserError, checkpoint, config_lib, pictures, sharding
 from patch_forcing.evaluation import features, metrics, reference
 from patch_forcing.evaluation.features import FeatureNetwork
 from patch_forcing.flow import samplers
@@ -68,7 +68,7 @@ def make_generator(apply_fn, scfg, fnet: FeatureNetwork, image_shape, num_classe
 
 def global_batch_size(requested: int, num: int, num_devices: int) -> int:
     if requested % num_devices:
-        raise ValueError(f"config.eval.batch_size={requested} must be divisible by the {num_devices} devices")
+        raise UserError(f"config.eval.batch_size={requested} must be divisible by the {num_devices} devices")
     return min(requested, math.ceil(num / num_devices) * num_devices)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from patch_forcing import pictures, sharding
+from patch_forcing import UserError, pictures, sharding
 from patch_forcing.data import pipeline
 from patch_forcing.evaluation import metrics
 from patch_forcing.evaluation.features import FeatureNetwork
@@ -63,7 +63,7 @@ def reference_stats(config, workdir, fnet: FeatureNetwork) -> tuple[dict, str]:
 def _data_reference(config, out_dir, fnet: FeatureNetwork) -> tuple[dict, str]:
     """Statistics of config.data.split_eval, computed once per feature network and cached."""
     if config.data.name == "latents":
-        raise ValueError("config.eval.reference='data' needs pixel data, not data.name='latents': give a "
+        raise UserError("config.eval.reference='data' needs pixel data, not data.name='latents': give a "
                          "reference .npz of real images (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     split = str(config.data.split_eval)
     cache = out_dir / f"reference-{_slug(f'{config.data.name}-{split}')}-{_slug(fnet.name)}.npz"
@@ -84,7 +84,7 @@ def _npz_reference(ref: str, out_dir, fnet: FeatureNetwork, batch_size: int) -> 
     """A reference .npz; an ADM reference batch's images give the precision/recall features."""
     stats = metrics.load_reference_stats(ref)
     if "network" in stats and str(stats["network"]) != fnet.name:
-        raise ValueError(f"config.eval.reference={ref!r} holds statistics of {stats['network']!r}, "
+        raise UserError(f"config.eval.reference={ref!r} holds statistics of {stats['network']!r}, "
                          f"not of config.eval.feature_network's {fnet.name!r}")
     if "pool" in stats:
         return stats
