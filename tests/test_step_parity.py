@@ -11,7 +11,7 @@ from flax import nnx
 from configs import digits
 from patch_forcing import config_lib, sharding, train
 from patch_forcing.flow import interpolant
-from patch_forcing.models import dit
+from patch_forcing.models import dit, families
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -88,7 +88,8 @@ def test_model_gradients_match_the_plain_formulation():
 def test_jitted_train_step_matches_the_plain_step(monkeypatch):
     c, mesh, state, graphdef, rest, shardings, batch = setup()
     fast = train.jit_train_step(c, graphdef, rest, shardings, mesh)
-    monkeypatch.setattr(train.dit, "make_apply", lambda *_: plain_apply(config_lib.model_config(c)))
+    plain_family = families.get("dit")._replace(make_apply=lambda *_, **__: plain_apply(config_lib.model_config(c)))
+    monkeypatch.setattr(config_lib, "model_family", lambda _: plain_family)
     plain = jax.jit(train.make_train_step(c, graphdef, rest))
     gbatch = sharding.to_global_batch(batch, mesh)
     s_plain = jax.tree.map(jnp.copy, state)

@@ -161,11 +161,11 @@ def _load_state(workdir):
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     real = train.make_train_step
 
-    def poisoned(config, graphdef, rest):
-        step = real(config, graphdef, rest)
+    def poisoned(config, graphdef, rest, encoder=None):
+        step = real(config, graphdef, rest, encoder)
 
-        def wrapped(state, batch):
-            new, m = step(state, batch)
+        def wrapped(state, batch, *encoder_params):
+            new, m = step(state, batch, *encoder_params)
             bad = state["step"] + 1 >= 6
             m = {**m, "loss": jax.numpy.where(bad, jax.numpy.nan, m["loss"])}
             return new, m
