@@ -52,13 +52,14 @@ def test_digits_task_trains_samples_from_prompts_and_follows_them(tmp_path):
     assert (out / "prompt_grid.png").exists() and (out / "difficulty.png").exists()
     assert list(np.load(out / "samples.npz")["prompts"]) == [prompt] * 4
 
-    _, attrs, prompts = pa.real_canvases("test", 0, 48)
+    real, attrs, prompts = pa.real_canvases("test", 0, 48)
     (tmp_path / "prompts.txt").write_text("\n".join(prompts))
     _main(tmp_path, *flags, "--mode=sample", f"--config.sample.prompts_file={tmp_path / 'prompts.txt'}",
           "--config.sample.images_per_prompt=1", "--config.sample.batch_size=48", "--config.sampler.steps=10")
     samples = np.load(out / "samples.npz")
     np.testing.assert_array_equal(np.stack([captioned.parse(str(p)) for p in samples["prompts"]]), attrs)
     fnet = pa.region_classifier(str(tmp_path / "classifier"), steps=100, num_train=1000, num_test=200)
+    assert pa.scores(pa.classify(fnet, real)["attrs"], attrs)["layout_accuracy"] > 0.9  # the reader works
     read = pa.classify(fnet, samples["arr_0"])["attrs"]
     got, control = pa.scores(read, attrs), pa.scores(read, pa.shuffled(attrs))
     assert got["layout_accuracy"] > control["layout_accuracy"] + MARGIN, (got, control)
