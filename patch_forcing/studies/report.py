@@ -66,7 +66,9 @@ def floor_note(fids: list[dict], floor: dict) -> str:
     gap, spread = min(means) - floor["mean"], max(spreads) if spreads else float("nan")
     verdict = ("the protocol resolves differences larger than that spread" if gap > spread else
                "the results are within the protocol's noise of real data")
-    return (f"Noise floor FID {fmt(floor)}: the best result sits {gap:.2f} above it, the FIDs span "
+    where = f"{gap:.2f} above it" if gap >= 0 else (f"{-gap:.2f} below it (the samples are closer to the "
+                                                   "reference than held-out real images are)")
+    return (f"Noise floor FID {fmt(floor)}: the best result sits {where}, the FIDs span "
             f"{max(means) - min(means):.2f}, and the largest spread over seeds is {spread:.2f}; {verdict}.")
 
 
