@@ -107,3 +107,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = eval_block()
     c.study = study_block()
     return c
+
+
+def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `:smoke` presets' run length and logging: 8 steps at batch 16, everything every 4 steps."""
+    c.data.batch_size = 16
+    c.optim.warmup_steps = 2
+    c.train.num_steps = 8
+    c.checkpoint.every_steps = 4
+    c.log.every_steps = c.log.eval_every_steps = c.log.sample_every_steps = 4
+    c.log.num_samples, c.log.num_eval_examples = 8, 16
+    c.sampler.steps = 4
+    c.sample.num_images = c.sample.batch_size = 8
+    return c

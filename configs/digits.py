@@ -41,14 +41,7 @@ def get_config(arg: str = ""):
     if "smoke" in args:
         c.model = common.model_block("PF-Tiny/2", image_size=8, in_channels=1, num_classes=10,
                                      hidden_size=32, depth=1, num_heads=2)
-        c.data.batch_size = 16
-        c.optim.warmup_steps = 2
-        c.train.num_steps = 8
-        c.checkpoint.every_steps = 4
-        c.log.every_steps = c.log.eval_every_steps = c.log.sample_every_steps = 4
-        c.log.num_samples, c.log.num_eval_examples = 8, 16
-        c.sampler.steps = 4
-        c.sample.num_images = c.sample.batch_size = 8
+        common.shrink_for_smoke(c)
         c.study.train_steps, c.study.num_samples, c.study.num_examples = 0, 64, 64  # train.num_steps
     if "repa" in args:  # the classifier's last conv map (4x4x128) stands in for DINOv2
         c.repa = common.repa_block(encoder_depth=1, encoder="classifier", z_dim=128, projector_dim=256)

@@ -61,14 +61,7 @@ def get_config(arg: str = "digits"):
     if "smoke" in options:
         c.model = model_block("tiny", in_dim=c.model.in_dim, latent_size=c.model.latent_size, patch_size=4,
                               txt_in_dim=c.text.width, txt_refiner_depth=1)
-        c.data.batch_size = 16
-        c.optim.warmup_steps = 2
-        c.train.num_steps = 8
-        c.checkpoint.every_steps = 4
-        c.log.every_steps = c.log.eval_every_steps = c.log.sample_every_steps = 4
-        c.log.num_samples, c.log.num_eval_examples = 8, 16
-        c.sampler.steps = 4
-        c.sample.num_images = c.sample.batch_size = 8
+        common.shrink_for_smoke(c)
     return c
 
 
