@@ -44,6 +44,10 @@ def model_config(config) -> dit.DiTConfig:
     unknown = sorted(set(block) - fields)
     _require(not unknown, f"config.model has unknown fields {unknown}; allowed: {sorted(fields)} "
                           "(REPA's projector: config.repa)")
+    if repa_enabled(config):
+        _require(cls is dit.DiTConfig, f"config.repa.encoder_depth={config.repa.encoder_depth}: REPA's projector "
+                 f"exists on the class-conditional DiT only, not config.model.family={config.model.get('family')!r}; "
+                 "set config.repa.encoder_depth=0")
     block.update(_repa_model_fields(config, block.get("depth")))
     try:
         return cls(**block)

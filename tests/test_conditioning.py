@@ -148,6 +148,7 @@ def test_t2i_configs_validate_and_the_paper_model_builds_abstractly():
     ("text.dropout", 1.0, "config.text.dropout must be in [0, 1)"),
     ("eval.fid_every_steps", 100, "config.eval.fid_every_steps must be 0 for text models"),
     ("model.family", "unet", "config.model.family='unet' is not one of"),
+    ("repa.encoder_depth", 2, "REPA's projector exists on the class-conditional DiT only"),
 ])
 def test_bad_t2i_config_names_the_field(key, value, needle):
     c = t2i_configs.get_config("digits")
