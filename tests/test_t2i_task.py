@@ -44,7 +44,7 @@ def test_digits_task_trains_samples_from_prompts_and_follows_them(tmp_path):
     _main(tmp_path, *flags)
     lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [ln["loss"] for ln in lines if "loss" in ln]
-    assert losses[-1] < 0.9 * losses[0]
+    assert losses[-1] < 0.5 * losses[0]
     meta = json.loads((tmp_path / "inference" / "config.json").read_text())
     assert meta["family"] == "t2i" and meta["conditioning"]["kind"] == "text" and meta["step"] == steps
 
