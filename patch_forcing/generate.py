@@ -116,12 +116,14 @@ def prompt_list(config) -> list[str]:
 
 
 def sample_prompts(config, workdir, mcfg, apply, params) -> epath.Path:
-    """images_per_prompt samples per prompt -> prompt_grid.png, difficulty.png, samples.npz."""
+    """images_per_prompt samples per prompt -> prompt_grid.png, difficulty.png, samples.npz.
+    Every host samples every image (not split over hosts yet); only process 0 writes."""
     cond = config_lib.conditioning(config)
     scfg = config_lib.sampler_config(config, mcfg, cond)
     name = samplers.sampler_name(scfg)
-    out = epath.Path(workdir) / "samples" / name
-    out.mkdir(parents=True, exist_ok=True)
+    out, chief = epath.Path(workdir) / "samples" / name, sharding.is_chief()
+    if chief:
+        out.mkdir(parents=True, exist_ok=True)
     prompts, k = prompt_list(config), int(config.sample.images_per_prompt)
     flat = [p for p in prompts for _ in range(k)]
     bs, key, (h, w) = int(config.sample.batch_size), jax.random.key(config.seed), mcfg.image_size
@@ -129,14 +131,14 @@ def sample_prompts(config, workdir, mcfg, apply, params) -> epath.Path:
     traj_fn = samplers.make_sample_fn(apply, scfg, return_trajectory=True)
     decode = decoders.make_decoder(config.sample.vae)
     images, nfe = [], None
-    for i in tqdm(range(0, len(flat), bs), desc=f"sampling {name}", unit="batch"):
+    for i in tqdm(range(0, len(flat), bs), desc=f"sampling {name}", unit="batch", disable=not chief):
         batch = flat[i:i + bs]
         y = cond.encode_prompts(batch + [batch[-1]] * (bs - len(batch)))  # one static batch shape
         bkey = jax.random.fold_in(key, i + 1)
         noise = jax.random.normal(bkey, (bs, h, w, mcfg.in_channels))
         x, info = (traj_fn if i == 0 else sample_fn)(params, noise, y, jax.random.fold_in(bkey, 1))
         x = decode(x)
-        if i == 0:
+        if i == 0 and chief:
             pic = pictures.trajectory_picture(x, jax.device_get(info), mcfg.patch_size, h,
                                               int(config.sample.num_difficulty_rows))
             if pic is not None:
@@ -144,9 +146,10 @@ def sample_prompts(config, workdir, mcfg, apply, params) -> epath.Path:
         nfe = int(info["nfe"])
         images.append(pictures.to_uint8(np.asarray(x[:len(batch)])))
     images = np.concatenate(images)
-    grid = images.reshape(len(prompts), k, *images.shape[1:])[:16]
-    pictures.save_png(out / "prompt_grid.png", pictures.prompt_grid(grid, prompts[:16]))
-    with (out / "samples.npz").open("wb") as f:
-        np.savez(f, arr_0=images, prompts=np.asarray(flat))
-    print(f"{len(flat)} samples of {len(prompts)} prompts, sampler {name}, NFE {nfe} -> {out}")
+    if chief:
+        grid = images.reshape(len(prompts), k, *images.shape[1:])[:16]
+        pictures.save_png(out / "prompt_grid.png", pictures.prompt_grid(grid, prompts[:16]))
+        with (out / "samples.npz").open("wb") as f:
+            np.savez(f, arr_0=images, prompts=np.asarray(flat))
+        print(f"{len(flat)} samples of {len(prompts)} prompts, sampler {name}, NFE {nfe} -> {out}")
     return out
